@@ -1,0 +1,258 @@
+"""One dataclass config for a run, presets, YAML files and ``section.field=value`` overrides.
+
+A run is fully described by :class:`Config` (model, data, optimisation, training): it is printed by ``--dry-run``,
+stored in every checkpoint and in ``RUN/config.yaml``, and a checkpoint alone is enough to rebuild the model.
+Precedence, lowest first: dataclass defaults < preset < YAML file < explicit CLI flags / ``--set`` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the LMU-attention CTC model. The defaults are the reference design (seed's model)."""
+
+    n_mels: int = 80
+    d_model: int = 384
+    n_blocks: int = 3
+    n_heads: int = 6
+    lmu_order: int = 192
+    lmu_theta: float = 400.0  # memory window, in (downsampled) frames
+    lmu_hidden: int = 384
+    lmu_memory_dim: int = 1  # channels of u fed to the memory
+    lmu_mode: str = "auto"  # auto | fft | chunk | memory (see model/lmu.py)
+    lmu_chunk: int = 64
+    ffn_dim: int = 0  # 0: blocks are [LMU + attention] only, as in the reference design
+    downsample: int = 2
+    dropout: float = 0.1
+    attention: str = "full"  # full | causal | window (window: attn_left frames of past, none of future)
+    attn_left: int = 64
+    blank_bias: float = 3.0  # initial blank logit bias (≈ log 28: blank starts near 50 %); see model/asr.py
+    vocab_size: int = 29
+
+
+@dataclass
+class SpecAugmentConfig:
+    """Batched SpecAugment (Park et al. 2019) applied on the training device."""
+
+    enabled: bool = True
+    freq_masks: int = 2
+    freq_width: int = 15
+    time_masks: int = 2
+    time_width: float = 0.05  # fraction of each utterance's length
+    time_width_max: int = 40
+
+
+@dataclass
+class DataConfig:
+    """How shards become batches."""
+
+    batch_size: int = 0  # >0: fixed batch size (the seed's mode)
+    batch_frames: int = 40_000  # frame budget per batch (padded frames), used when batch_size == 0
+    max_frames: int = 3000  # longer utterances are skipped and counted, never truncated
+    min_frames: int = 10
+    buckets: list[int] = field(default_factory=lambda: [128, 192, 256, 320, 400, 512, 640, 800, 1024, 1280,
+                                                          1600, 2048, 2560, 3000])
+    shuffle_buffer: int = 2000
+    num_workers: int = 2
+    prefetch: int = 4
+    pin_memory: bool = True
+    specaug: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
+    speed_perturb: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0, 1.1]: resample in the time axis
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 500
+    schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    max_steps: int = 0  # total optimiser steps; 0: run all epochs
+    seed: int = 1234
+    precision: str = "bf16"  # fp32 | bf16 | fp16 (bf16/fp16 fall back to fp32 on CPU unless forced)
+    compile: bool = True
+    loader: str = "wds"  # wds | dali
+    save_every: int = 500
+    log_every: int = 1
+    max_bad_steps: int = 20  # non-finite losses in a row before the run stops
+    keep_epoch_checkpoints: int = 0  # 0: keep all
+    eval_beam: int = 0  # 0: greedy only at validation
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(json.loads(json.dumps(self.to_dict())), sort_keys=False)
+
+
+# Presets are override dicts applied on top of the dataclass defaults; all are reachable with --preset NAME.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The reference project's three training presets and the configurations of its published table.
+    "default": {},
+    "conservative": {"data.batch_size": 32, "data.max_frames": 400, "optim.lr": 5e-4, "train.precision": "fp32",
+                     "train.compile": False},
+    "performance": {"data.batch_size": 64, "data.max_frames": 400, "optim.lr": 1e-3},
+    "rtx4090-b48": {"data.batch_size": 48, "data.max_frames": 400},
+    "rtx6000-b64": {"data.batch_size": 64, "data.max_frames": 400},
+    "a100-b96": {"data.batch_size": 96, "data.max_frames": 400},
+    # Ours: frame-budget batching (dynamic batch size, static bucket shapes).
+    "fast": {"data.batch_frames": 200_000, "data.max_frames": 3000},
+    "fast-h100": {"data.batch_frames": 600_000, "data.max_frames": 3000, "data.num_workers": 8},
+    # Tiny model for tests, demos and 2-core CPUs.
+    "cpu-tiny": {
+        "model.d_model": 96, "model.n_blocks": 2, "model.n_heads": 4, "model.lmu_order": 32,
+        "model.lmu_theta": 60.0, "model.lmu_hidden": 96, "model.lmu_memory_dim": 4, "model.dropout": 0.1,
+        "data.batch_frames": 12_000, "data.num_workers": 1, "data.buckets": [64, 96, 128, 192, 256, 384, 512, 800,
+                                                                             1200, 1600, 2048, 3000],
+        "data.shuffle_buffer": 500, "data.pin_memory": False,
+        "optim.lr": 3e-3, "optim.warmup_steps": 50, "train.precision": "fp32", "train.compile": False,
+        "train.epochs": 10, "train.save_every": 100,
+    },
+}
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    """Convert a CLI/YAML value to the type of the field it replaces."""
+    if isinstance(current, bool):
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{name}: expected true/false, got {value!r}")
+        return bool(value)
+    if isinstance(current, (list, tuple)):
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        elem = type(current[0]) if len(current) else float
+        out = [_coerce(v, elem(0) if elem in (int, float) else "", name) for v in value]
+        return tuple(out) if isinstance(current, tuple) else out
+    if isinstance(current, int) and not isinstance(current, bool):
+        try:
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected an integer, got {value!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if isinstance(current, str):
+        return str(value)
+    raise ValueError(f"{name}: cannot set a value of type {type(current).__name__}")
+
+
+def set_field(cfg: Config, dotted: str, value: Any) -> None:
+    """Set ``section.field`` (or ``data.specaug.field``) on a config, with type checking and a clear error."""
+    obj: Any = cfg
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        if not dataclasses.is_dataclass(obj) or p not in {f.name for f in fields(obj)}:
+            raise ValueError(f"unknown config section {p!r} in {dotted!r}")
+        obj = getattr(obj, p)
+    leaf = parts[-1]
+    if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in fields(obj)}:
+        known = ", ".join(f.name for f in fields(obj)) if dataclasses.is_dataclass(obj) else ""
+        raise ValueError(f"unknown config field {dotted!r} (known here: {known})")
+    current = getattr(obj, leaf)
+    if dataclasses.is_dataclass(current):
+        if not isinstance(value, dict):
+            raise ValueError(f"{dotted} is a section; set its fields instead")
+        for k, v in value.items():
+            set_field(cfg, f"{dotted}.{k}", v)
+        return
+    setattr(obj, leaf, _coerce(value, current, dotted))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a config from ``Config.to_dict()`` output (e.g. a checkpoint); unknown keys are an error."""
+    cfg = Config()
+    for k, v in _flatten({k: v for k, v in d.items() if k != "preset"}).items():
+        set_field(cfg, k, v)
+    cfg.preset = d.get("preset", "default")
+    return cfg
+
+
+def load_config(preset: str = "default", yaml_path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Resolve a config: defaults < preset < YAML < overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    cfg = Config(preset=preset)
+    for k, v in PRESETS[preset].items():
+        set_field(cfg, k, v)
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections")
+        data.pop("preset", None)
+        for k, v in _flatten(data).items():
+            set_field(cfg, k, v)
+    for k, v in (overrides or {}).items():
+        set_field(cfg, k, v)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject configurations that cannot work, with one-line reasons."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if m.d_model % m.n_heads:
+        raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    if m.attention not in ("full", "causal", "window"):
+        raise ValueError(f"model.attention must be full, causal or window, not {m.attention!r}")
+    if m.lmu_mode not in ("auto", "fft", "chunk", "memory"):
+        raise ValueError(f"model.lmu_mode must be auto, fft, chunk or memory, not {m.lmu_mode!r}")
+    if t.precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"train.precision must be fp32, bf16 or fp16, not {t.precision!r}")
+    if t.loader not in ("wds", "dali"):
+        raise ValueError(f"train.loader must be wds or dali, not {t.loader!r}")
+    if d.batch_size < 0 or d.batch_frames <= 0:
+        raise ValueError("data.batch_size must be >= 0 and data.batch_frames > 0")
+    if d.max_frames < d.min_frames:
+        raise ValueError(f"data.max_frames={d.max_frames} is below data.min_frames={d.min_frames}")
+    if sorted(d.buckets) != list(d.buckets) or any(b % m.downsample for b in d.buckets):
+        raise ValueError(f"data.buckets must be increasing multiples of {m.downsample}: {d.buckets}")

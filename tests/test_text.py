@@ -1,0 +1,86 @@
+"""Vocabulary, normalisation and scoring; WER/CER checked against jiwer."""
+
+from __future__ import annotations
+
+import random
+
+import jiwer
+import pytest
+
+from lmu_asr.text import (
+    VOCAB,
+    VOCAB_SIZE,
+    decode_ids,
+    encode,
+    error_rates,
+    normalize_transcript,
+    number_to_words,
+    scoring_text,
+)
+
+
+def test_vocabulary_layout() -> None:
+    assert VOCAB_SIZE == 29 and VOCAB[0] == "<blank>" and VOCAB[1] == " " and VOCAB[2] == "'"
+    assert "".join(VOCAB[3:]) == "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    text = "IT'S A TEST"
+    assert decode_ids(encode(text)) == text
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        encode("hello")
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("AS THEY'RE LEAVING <COMMA> CAN KASH PULL ZAHRA ASIDE REALLY QUICKLY <QUESTIONMARK>",
+     "AS THEY'RE LEAVING CAN KASH PULL ZAHRA ASIDE REALLY QUICKLY"),
+    ("<SIL>", ""), ("<MUSIC> <NOISE>", ""), ("<OTHER> <COMMA>", ""),
+    ("WELL <NOISE> I THINK <PERIOD>", "WELL I THINK"),
+    ("state-of-the-art café", "STATE OF THE ART CAFE"),
+    ("In 1820, 3 men & 2% U.S.", "IN ONE THOUSAND EIGHT HUNDRED TWENTY THREE MEN AND TWO PERCENT US"),
+    ("call 007 now", "CALL ZERO ZERO SEVEN NOW"),
+    ("  it\u2019s   ok!! ''  ", "IT'S OK"),
+])
+def test_normalisation(raw: str, expected: str) -> None:
+    out = normalize_transcript(raw)
+    assert out == expected
+    assert normalize_transcript(out) == out  # idempotent
+    encode(out)  # only vocabulary characters remain
+
+
+def test_numbers() -> None:
+    assert number_to_words(0) == "ZERO"
+    assert number_to_words(15) == "FIFTEEN"
+    assert number_to_words(40) == "FORTY"
+    assert number_to_words(101) == "ONE HUNDRED ONE"
+    assert number_to_words(2_000_017) == "TWO MILLION SEVENTEEN"
+
+
+def test_random_text_always_normalises_into_the_vocabulary() -> None:
+    rng = random.Random(0)
+    alphabet = "abcXYZ019 '\"-,.;:!?<>&%$#@éüñ\t\n"
+    for _ in range(500):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        out = normalize_transcript(s)
+        encode(out)
+        assert out == out.strip() and "  " not in out
+
+
+def test_scoring_conventions() -> None:
+    assert scoring_text("uh I think <COMMA> e-commerce UM is <NOISE> fine") == "I THINK E COMMERCE IS FINE"
+    rates = error_rates(["I THINK SO"], ["UH I THINK <COMMA> SO"])
+    assert rates.wer == 0.0  # fillers and tags do not count as insertions
+    assert error_rates(["I THINK SO"], ["UH I THINK SO"], gigaspeech_scoring=False).wer == pytest.approx(1 / 3)
+
+
+def test_wer_cer_match_jiwer() -> None:
+    rng = random.Random(1)
+    words = "THE CAT SAT ON A MAT DOG RAN FAST SLOW IT'S".split()
+    refs, hyps = [], []
+    for _ in range(200):
+        ref = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+        hyp_words = [w for w in ref.split() if rng.random() > 0.2]
+        for _ in range(rng.randint(0, 3)):
+            hyp_words.insert(rng.randint(0, len(hyp_words)), rng.choice(words))
+        hyps.append(" ".join(hyp_words))
+        refs.append(ref)
+    rates = error_rates(refs, hyps, gigaspeech_scoring=False)
+    assert rates.wer == pytest.approx(jiwer.wer(refs, hyps), rel=1e-12)
+    assert rates.cer == pytest.approx(jiwer.cer(refs, hyps), rel=1e-12)
