@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
@@ -48,6 +49,36 @@ def main(ctx: click.Context, log_level: str, show_traceback: bool) -> None:
     """lmu-asr: prep GigaSpeech into shards, train an LMU-attention CTC model fast, and prove it with numbers."""
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
     ctx.obj = {"debug": show_traceback}
+
+
+@main.command()
+@click.option("--corpus-dir", type=click.Path(path_type=Path), help="GigaSpeech root (GigaSpeech.json + audio/).")
+@click.option("--subset", help="GigaSpeech subset: xs, s, m, l, xl, dev or test (any case).")
+@click.option("--cuts", type=click.Path(path_type=Path), help="Any lhotse CutSet manifest instead of GigaSpeech.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory for the shards.")
+@click.option("--jobs", default=1, show_default=True, help="Worker processes (one recording each at a time).")
+@click.option("--shard-frames", default=6_250_000, show_default=True,
+              help="Frames per shard (6.25M frames = 1 GB of float16 fbank, ~17 h of audio).")
+@click.option("--shuffle-group", default=4, show_default=True,
+              help="Shards shuffled together (memory: this many shards' features at a time).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the shuffle across shards.")
+@click.option("--compress", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
+              help="Compress the fbank members with zstd (see README for the measured trade-off).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@user_errors
+def prep(corpus_dir: Path | None, subset: str | None, cuts: Path | None, out: Path, jobs: int, shard_frames: int,
+         shuffle_group: int, seed: int, compress: str, progress: bool) -> None:
+    """Corpus -> 80-dim fbank -> WebDataset tar shards with index.parquet and meta.json (resumable)."""
+    from lmu_asr.prep.pipeline import PrepOptions, run_prep, summary_lines
+
+    opts = PrepOptions(out=out, corpus_dir=corpus_dir, subset=subset, cuts=cuts, jobs=jobs,
+                       shard_frames=shard_frames, shuffle_group=shuffle_group, seed=seed,
+                       compress=None if compress == "none" else compress, progress=progress,
+                       command=" ".join(["lmuasr", *sys.argv[1:]]))
+    meta = run_prep(opts)
+    meta["out"] = str(out)
+    for line in summary_lines(meta):
+        click.echo(line)
 
 
 if __name__ == "__main__":  # pragma: no cover

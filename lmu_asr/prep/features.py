@@ -40,24 +40,47 @@ class FeatureConfig:
         return asdict(self)
 
 
-@lru_cache(maxsize=4)
-def _extractor(num_mel_bins: int, sample_rate: int):  # noqa: ANN202 (lhotse type)
+@lru_cache(maxsize=8)
+def _extractor(num_mel_bins: int, sample_rate: int, snip_edges: bool = False):  # noqa: ANN202 (lhotse type)
+    import warnings
+
     from lhotse import Fbank, FbankConfig
 
-    return Fbank(FbankConfig(num_filters=num_mel_bins, sampling_rate=sample_rate, dither=0.0, snip_edges=False))
+    with warnings.catch_warnings():  # lhotse warns about snip_edges=True, which we only use on pre-padded blocks
+        warnings.simplefilter("ignore", UserWarning)
+        return Fbank(FbankConfig(num_filters=num_mel_bins, sampling_rate=sample_rate, dither=0.0,
+                                 snip_edges=snip_edges))
 
 
-def compute_fbank(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, num_mel_bins: int = 80) -> np.ndarray:
+def compute_fbank(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, num_mel_bins: int = 80,
+                  block_frames: int = 30_000) -> np.ndarray:
     """Log-mel fbank (frames, num_mel_bins) float32 of mono float32 samples at ``sample_rate``.
 
-    The number of frames is lhotse's ``compute_num_frames(duration, 0.01, sr)`` (round(samples / 160)).
+    Frames: round(samples / hop), as lhotse's ``snip_edges=False``. Long recordings (a GigaSpeech podcast runs
+    for hours) are processed in blocks of ``block_frames`` so memory stays bounded (lhotse materialises every
+    window at once: ~2 KB per frame). The blocks reproduce the one-shot result exactly: the signal is padded
+    once the way lhotse pads it (reflection, (window - hop) / 2 samples on the left), then each block is a
+    ``snip_edges=True`` extraction over its own span of the padded signal, windows included.
     """
     if samples.ndim != 1:
         raise ValueError("compute_fbank expects mono samples (1-D)")
     if samples.size < 2:
         raise AudioError("audio is empty")
-    feats = _extractor(num_mel_bins, sample_rate).extract(samples.astype(np.float32, copy=False), sample_rate)
-    return np.ascontiguousarray(feats, dtype=np.float32)
+    x = samples.astype(np.float32, copy=False)
+    hop, win = round(0.01 * sample_rate), round(0.025 * sample_rate)
+    total = (x.size + hop // 2) // hop
+    if total <= block_frames or x.size < win:
+        feats = _extractor(num_mel_bins, sample_rate).extract(x, sample_rate)
+        return np.ascontiguousarray(feats, dtype=np.float32)
+    left = (win - hop) // 2
+    right = (total - 1) * hop + win - x.size - left
+    padded = np.concatenate([x[:left][::-1], x, x[x.size - right:][::-1]])
+    snip = _extractor(num_mel_bins, sample_rate, True)
+    out = np.empty((total, num_mel_bins), dtype=np.float32)
+    for a in range(0, total, block_frames):
+        b = min(total, a + block_frames)
+        out[a:b] = snip.extract(padded[a * hop:(b - 1) * hop + win], sample_rate)
+    return out
 
 
 def num_frames(duration: float, frame_shift: float = 0.01, sample_rate: int = SAMPLE_RATE) -> int:
