@@ -160,7 +160,10 @@ def plan_groups(jobs: list[RecordingJob], shard_frames: int, shuffle_group: int,
             groups.append(Group(len(groups), current, 0, 0))
             current, frames = [], 0
     if current:
-        groups.append(Group(len(groups), current, 0, 0))
+        if groups and frames < budget / 2:  # a small tail would make a poorly mixed, undersized shard
+            groups[-1].recordings.extend(current)
+        else:
+            groups.append(Group(len(groups), current, 0, 0))
     next_shard = 0
     for group in groups:
         total = sum(j.frames for j in group.recordings)

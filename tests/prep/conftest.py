@@ -13,6 +13,8 @@ from lmu_asr.prep.minicorpus import build_gigaspeech_corpus, speech_dir_utteranc
 from lmu_asr.text import normalize_transcript
 from tests.helpers import FSDD, LJSPEECH, require_corpus
 
+SHARD_FRAMES = "2000"  # small shards, so the mini corpus spans several shards and groups
+
 
 def fsdd_subset(row: dict) -> str | None:
     """Recording index 0-1 TEST, 2 DEV, 3-6 XS, 7-9 S; the rest is left out to keep the corpus small."""
@@ -57,6 +59,6 @@ def run_cli(*args: str) -> tuple[int, str]:
 def xs_shards(mini_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "xs"
     code, output = run_cli("prep", "--corpus-dir", str(mini_corpus), "--subset", "XS", "--out", str(out),
-                           "--shard-frames", "6000", "--shuffle-group", "2", "--jobs", "2", "--no-progress")
+                           "--shard-frames", SHARD_FRAMES, "--shuffle-group", "2", "--jobs", "2", "--no-progress")
     assert code == 0, output
     return out

@@ -13,7 +13,7 @@ import pytest
 
 from lmu_asr.prep.features import compute_fbank, load_audio
 from lmu_asr.prep.shards import iter_shard, read_sample
-from tests.prep.conftest import expected_segments, expected_texts, run_cli
+from tests.prep.conftest import SHARD_FRAMES, expected_segments, expected_texts, run_cli
 
 
 def shard_contents(out: Path) -> dict[str, tuple[np.ndarray, dict]]:
@@ -115,14 +115,14 @@ def test_statistics_and_balanced_shards(xs_shards: Path) -> None:
     assert len(frames) >= 3
     longest = max(m["num_frames"] for _, m in shard_contents(xs_shards).values())
     # within a group, shards differ by at most one utterance; groups differ by at most their rounding
-    assert max(frames[:-1]) - min(frames[:-1]) <= 6000 // 2 + longest
+    assert max(frames) - min(frames) <= int(SHARD_FRAMES) // 2 + longest
 
 
 def test_same_command_twice_is_a_noop_and_byte_identical(mini_corpus: Path, xs_shards: Path,
                                                          tmp_path: Path) -> None:
     out = tmp_path / "again"
     args = ["prep", "--corpus-dir", str(mini_corpus), "--subset", "xs", "--out", str(out),
-            "--shard-frames", "6000", "--shuffle-group", "2", "--no-progress"]  # --jobs 1 this time
+            "--shard-frames", SHARD_FRAMES, "--shuffle-group", "2", "--no-progress"]  # --jobs 1 this time
     assert run_cli(*args)[0] == 0
     for shard in xs_shards.glob("shard-*"):
         assert (out / shard.name).read_bytes() == shard.read_bytes(), shard.name  # independent of --jobs
@@ -135,7 +135,7 @@ def test_same_command_twice_is_a_noop_and_byte_identical(mini_corpus: Path, xs_s
 def test_zstd_round_trip(mini_corpus: Path, xs_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "zstd"
     code, output = run_cli("prep", "--corpus-dir", str(mini_corpus), "--subset", "XS", "--out", str(out),
-                           "--shard-frames", "6000", "--shuffle-group", "2", "--compress", "zstd",
+                           "--shard-frames", SHARD_FRAMES, "--shuffle-group", "2", "--compress", "zstd",
                            "--no-progress")
     assert code == 0, output
     plain, packed = shard_contents(xs_shards), shard_contents(out)

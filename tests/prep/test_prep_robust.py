@@ -19,7 +19,7 @@ import soundfile as sf
 from lmu_asr.prep.features import compute_fbank, load_audio, resample
 from lmu_asr.text import normalize_transcript
 from tests.helpers import LJSPEECH, read_transcripts
-from tests.prep.conftest import expected_segments, expected_texts, run_cli
+from tests.prep.conftest import SHARD_FRAMES, expected_segments, expected_texts, run_cli
 from tests.prep.test_prep import shard_contents
 
 
@@ -156,7 +156,7 @@ def test_out_dir_guards(mini_corpus: Path, xs_shards: Path, tmp_path: Path) -> N
     copy = tmp_path / "copy"
     shutil.copytree(xs_shards, copy)
     code, output = run_cli("prep", "--corpus-dir", str(mini_corpus), "--subset", "XS", "--out", str(copy),
-                           "--shard-frames", "6000", "--shuffle-group", "2", "--seed", "7", "--no-progress")
+                           "--shard-frames", SHARD_FRAMES, "--shuffle-group", "2", "--seed", "7", "--no-progress")
     assert code == 2 and "different configuration" in output and "seed" in output
 
 
