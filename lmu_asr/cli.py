@@ -81,5 +81,37 @@ def prep(corpus_dir: Path | None, subset: str | None, cuts: Path | None, out: Pa
         click.echo(line)
 
 
+@main.group()
+def bench() -> None:
+    """Throughput, memory and MFU benchmarks (JSON + markdown + PNG reports)."""
+
+
+@bench.command("prep")
+@click.option("--corpus-dir", type=click.Path(path_type=Path), help="A GigaSpeech-layout corpus.")
+@click.option("--subset", default="xs", show_default=True)
+@click.option("--speech-dir", type=click.Path(path_type=Path),
+              help="Build a corpus of long recordings from a transcripts.tsv folder instead.")
+@click.option("--out", default="bench/results", show_default=True, type=click.Path(path_type=Path))
+@click.option("--max-recordings", default=4, show_default=True)
+@user_errors
+def bench_prep_cmd(corpus_dir: Path | None, subset: str, speech_dir: Path | None, out: Path,
+                   max_recordings: int) -> None:
+    """Prep throughput per core: ours vs decoding per segment vs lhotse per-cut; extractors; zstd."""
+    import torch
+
+    from lmu_asr.bench.prep import bench_prep, build_bench_corpus
+
+    torch.set_num_threads(1)
+    if corpus_dir is None:
+        if speech_dir is None:
+            raise UserError("give --corpus-dir (GigaSpeech layout) or --speech-dir (transcripts.tsv folder)")
+        corpus_dir = build_bench_corpus(speech_dir, out / "prep_corpus")
+    data = bench_prep(corpus_dir, subset, out, max_recordings)
+    for row in data["approaches"]:
+        click.echo(f"{row['approach']:45s} {row['audio_s_per_s']:10.1f} audio-s/s per core")
+    click.echo(f"ours / naive: {data['ratio_vs_naive']:.1f}x; ours / lhotse per-cut: "
+               f"{data['ratio_vs_lhotse_per_cut']:.1f}x; reports: {', '.join(data['files'])}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

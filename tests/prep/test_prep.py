@@ -129,6 +129,7 @@ def test_same_command_twice_is_a_noop_and_byte_identical(mini_corpus: Path, xs_s
     stamp = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
     code, output = run_cli(*args)
     assert code == 0 and "already complete" in output
+    assert "stopped" not in output  # cached lhotse manifests are reused, not re-parsed
     assert stamp == {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
 
 

@@ -116,6 +116,9 @@ def test_bad_audio_and_segments_are_rejected_never_lost(damaged_corpus, xs_shard
         assert kept[k][0].shape == reference[k][0].shape and np.median(diff) < 1.0
     counts = json.loads((out / "meta.json").read_text())["counts"]["rejected_by_reason"]
     assert counts["unreadable_audio"] >= 2 and counts["out_of_range"] == 1 and counts["empty_transcript"] == 1
+    first = (out / "rejected.jsonl").read_text()
+    code, output = run_cli(*prep_args(corpus, out, "XS"))  # again: cached manifests, same verdicts
+    assert code == 0 and (out / "rejected.jsonl").read_text() == first
 
 
 def test_recipe_crash_falls_back_per_recording(mini_corpus: Path, tmp_path: Path) -> None:
