@@ -81,6 +81,154 @@ def prep(corpus_dir: Path | None, subset: str | None, cuts: Path | None, out: Pa
         click.echo(line)
 
 
+def _overrides(pairs: tuple[str, ...], **flags: object) -> dict[str, object]:
+    """``--set section.field=value`` pairs plus the explicitly given flags (None = not given)."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set expects section.field=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    out.update({k: v for k, v in flags.items() if v is not None})
+    return out
+
+
+@main.command()
+@click.option("--shards", required=True, type=click.Path(path_type=Path), help="Training shards (lmuasr prep).")
+@click.option("--dev-shards", type=click.Path(path_type=Path), help="Validation shards (loss, WER each epoch).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--preset", default=None, help="Configuration preset (see config.py); default: 'default'.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML file of config overrides.")
+@click.option("--set", "sets", multiple=True, help="Override any field: --set model.dropout=0.2 (repeatable).")
+@click.option("--epochs", type=int)
+@click.option("--max-steps", type=int, help="Stop after this many optimiser steps in total.")
+@click.option("--save-every", type=int, help="Write checkpoints/last.pt every N steps.")
+@click.option("--batch-size", type=int, help="Fixed utterances per batch (the seed's mode).")
+@click.option("--batch-frames", type=int, help="Frame budget per batch (dynamic batch size).")
+@click.option("--max-frames", type=int, help="Skip (and count) longer utterances.")
+@click.option("--lr", type=float)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--compile/--no-compile", "compile_", default=None)
+@click.option("--loader", type=click.Choice(["wds", "dali"]))
+@click.option("--workers", type=int, help="DataLoader worker processes.")
+@click.option("--seed", type=int)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt exactly.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config, the data found and the model size.")
+@click.option("--debug", is_flag=True, help="Run 3 steps, eagerly, with extra checks.")
+@click.option("--progress/--no-progress", default=True)
+@user_errors
+def train(shards: Path, dev_shards: Path | None, out: Path, preset: str | None, config_file: Path | None,
+          sets: tuple[str, ...], epochs: int | None, max_steps: int | None, save_every: int | None,
+          batch_size: int | None, batch_frames: int | None, max_frames: int | None, lr: float | None,
+          precision: str | None, compile_: bool | None, loader: str | None, workers: int | None, seed: int | None,
+          device: str, resume: bool, dry_run: bool, debug: bool, progress: bool) -> None:
+    """Train the LMU-attention CTC model on shards (alone, under torchrun, or under SLURM)."""
+    from lmu_asr.config import config_from_dict, load_config, set_field, validate
+    from lmu_asr.train.checkpoint import load
+    from lmu_asr.train.loop import Trainer
+
+    if batch_size is not None and batch_frames is not None:
+        raise UserError("give --batch-size or --batch-frames, not both")
+    overrides = _overrides(sets, **{
+        "train.epochs": epochs, "train.max_steps": max_steps, "train.save_every": save_every,
+        "data.batch_size": batch_size, "data.batch_frames": batch_frames, "data.max_frames": max_frames,
+        "optim.lr": lr, "train.precision": precision, "train.compile": compile_, "train.loader": loader,
+        "data.num_workers": workers, "train.seed": seed})
+    if batch_frames is not None:
+        overrides["data.batch_size"] = 0
+    last = out / "checkpoints" / "last.pt"
+    if resume and not last.is_file():
+        raise UserError(f"--resume: no checkpoint at {last}")
+    if resume and preset is None and config_file is None:
+        cfg = config_from_dict(load(last)["config"])  # continue with the run's own config
+        for k, v in overrides.items():
+            set_field(cfg, k, v)
+        validate(cfg)
+    else:
+        cfg = load_config(preset or "default", config_file, overrides)
+    trainer = Trainer(cfg, shards, out, dev_shards, resume=resume, device=device, debug=debug, progress=progress)
+    if dry_run:
+        click.echo(trainer.describe())
+        return
+    result = trainer.run()
+    click.echo(f"{result['reason']}: step {result['step']}, epoch {result['epoch']}, "
+               f"{result['seconds']:.0f} s" + (f", best dev WER {100 * result['best_wer']:.2f} %"
+                                                if result["best_wer"] != float("inf") else "")
+               + (f", {result['non_finite_steps']} non-finite step(s) skipped" if result["non_finite_steps"]
+                  else ""))
+    click.echo(f"checkpoints: {out / 'checkpoints'}")
+
+
+@main.command("eval")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--shards", required=True, type=click.Path(path_type=Path))
+@click.option("--beam", default=0, show_default=True, help="Prefix beam width (0: greedy).")
+@click.option("--report", type=click.Path(path_type=Path), help="JSON report path (default: beside the checkpoint).")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@user_errors
+def eval_cmd(checkpoint: Path, shards: Path, beam: int, report: Path | None, device: str) -> None:
+    """WER/CER (GigaSpeech scoring) of a checkpoint on a shard set; writes a JSON report."""
+    import json
+
+    import torch
+
+    from lmu_asr.data.shards import ShardSet
+    from lmu_asr.train.checkpoint import model_from_checkpoint
+    from lmu_asr.train.evaluate import evaluate
+
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    model, cfg = model_from_checkpoint(checkpoint, dev)
+    res = evaluate(model, ShardSet.open(shards), cfg, dev, beam=beam, keep_hyps=True)
+    report = report or checkpoint.parent / f"eval_{shards.resolve().name}_{'beam' + str(beam) if beam > 1 else 'greedy'}.json"
+    report.write_text(json.dumps({"checkpoint": str(checkpoint), "shards": str(shards), **res}, indent=1))
+    click.echo(f"WER {100 * res['wer']:.2f} %  CER {100 * res['cer']:.2f} %  ({res['utterances']} utterances, "
+               f"{res['ref_words']} words, {'beam ' + str(beam) if beam > 1 else 'greedy'})")
+    click.echo(f"report: {report}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--beam", default=0, show_default=True, help="Prefix beam width (0: greedy).")
+@click.option("--streaming", is_flag=True, help="Decode chunk by chunk with the LMU step form (causal models).")
+@click.option("--chunk-frames", default=32, show_default=True, help="Frames per streaming chunk (10 ms each).")
+@click.option("--device", default="cpu", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@user_errors
+def transcribe(checkpoint: Path, files: tuple[Path, ...], beam: int, streaming: bool, chunk_frames: int,
+               device: str) -> None:
+    """Print PATH<TAB>TEXT per audio file (wav/flac/opus..., any sample rate). Exit 1 if a file failed."""
+    import torch
+
+    from lmu_asr.infer import transcribe_files
+    from lmu_asr.train.checkpoint import model_from_checkpoint
+
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    model, _ = model_from_checkpoint(checkpoint, dev)
+    if streaming:
+        model.encoder.stream_init()  # raises a clear error for full-attention models
+    failed = 0
+    for path, text, error in transcribe_files(model, list(files), beam, streaming, chunk_frames):
+        if error is not None:
+            failed += 1
+            click.echo(f"error: {error}", err=True)
+        else:
+            click.echo(f"{path}\t{text}")
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="PNG path (default RUN/curves.png).")
+@user_errors
+def plot(run: Path, out: Path | None) -> None:
+    """Draw the loss / dev WER curves of a run as a PNG."""
+    from lmu_asr.train.metrics import plot_run
+
+    click.echo(str(plot_run(run, out)))
+
+
 @main.group()
 def bench() -> None:
     """Throughput, memory and MFU benchmarks (JSON + markdown + PNG reports)."""

@@ -66,7 +66,6 @@ class DataConfig:
     prefetch: int = 4
     pin_memory: bool = True
     specaug: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
-    speed_perturb: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0, 1.1]: resample in the time axis
 
 
 @dataclass
@@ -79,6 +78,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     grad_accum: int = 1
+    total_steps: int = 0  # LR schedule horizon; 0: epochs x steps per epoch (--max-steps never changes it)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Shared test fixtures (the helpers themselves live in tests/helpers.py so tests can import them)."""
+"""Shared test fixtures: a miniature GigaSpeech corpus built once per session from the real recordings in
+../shared/data, and shard sets prepared from it (helpers live in tests/helpers.py so tests can import them)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import FSDD, LJSPEECH, require_corpus
+from tests.helpers import FSDD, LJSPEECH, fsdd_subset, require_corpus, run_cli
+
+SHARD_FRAMES = "2000"  # small shards, so the mini corpus spans several shards and groups
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +20,41 @@ def fsdd() -> Path:
 @pytest.fixture(scope="session")
 def ljspeech() -> Path:
     return require_corpus(LJSPEECH)
+
+
+@pytest.fixture(scope="session")
+def mini_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lmu_asr.prep.minicorpus import build_gigaspeech_corpus, speech_dir_utterances
+
+    require_corpus(FSDD)
+    require_corpus(LJSPEECH)
+    out = tmp_path_factory.mktemp("gigaspeech_mini")
+    utts = speech_dir_utterances(FSDD, fsdd_subset)
+    utts += speech_dir_utterances(LJSPEECH, lambda row: "XS" if row["utt_id"] < "LJ001-0010" else None)
+    build_gigaspeech_corpus(utts, out, seed=1)
+    return out
+
+
+def _prep(corpus: Path, out: Path, subset: str, *extra: str) -> Path:
+    code, output = run_cli("prep", "--corpus-dir", str(corpus), "--subset", subset, "--out", str(out),
+                           "--no-progress", *extra)
+    assert code == 0, output
+    return out
+
+
+@pytest.fixture(scope="session")
+def xs_shards(mini_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _prep(mini_corpus, tmp_path_factory.mktemp("shards") / "xs", "XS", "--shard-frames", SHARD_FRAMES,
+                 "--shuffle-group", "2", "--jobs", "2")
+
+
+@pytest.fixture(scope="session")
+def train_shards(mini_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Subset S (XS + S, ~450 FSDD utterances) in 3 shards: an odd count for the 2-rank tests."""
+    return _prep(mini_corpus, tmp_path_factory.mktemp("shards") / "s", "S", "--shard-frames", "7000",
+                 "--shuffle-group", "4")
+
+
+@pytest.fixture(scope="session")
+def dev_shards(mini_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _prep(mini_corpus, tmp_path_factory.mktemp("shards") / "dev", "DEV")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -27,3 +28,38 @@ def require_corpus(path: Path) -> Path:
 def read_transcripts(corpus: Path) -> list[dict[str, str]]:
     with open(corpus / "transcripts.tsv", newline="") as f:
         return list(csv.DictReader(f, delimiter="\t"))
+
+
+def fsdd_subset(row: dict) -> str | None:
+    """Recording index 0-1 TEST, 2 DEV, 3-6 XS, 7-9 S; the rest is left out to keep the corpus small."""
+    idx = int(row["utt_id"].rsplit("_", 1)[1])
+    return {0: "TEST", 1: "TEST", 2: "DEV"}.get(idx, "XS" if 3 <= idx <= 6 else "S" if idx <= 9 else None)
+
+
+def expected_segments(corpus: Path, subset: str) -> dict[str, str]:
+    """sid -> raw text_tn of every segment in a subset, straight from GigaSpeech.json."""
+    meta = json.loads((corpus / "GigaSpeech.json").read_text())
+    tag = "{" + subset.upper() + "}"
+    return {s["sid"]: s["text_tn"] for a in meta["audios"] for s in a["segments"] if tag in s["subsets"]}
+
+
+def expected_texts(corpus: Path, subset: str) -> dict[str, str]:
+    """sid -> training text for every segment that should be kept."""
+    from lmu_asr.text import normalize_transcript
+
+    out = {}
+    for sid, raw in expected_segments(corpus, subset).items():
+        text = normalize_transcript(raw)
+        if text:
+            out[sid] = text
+    return out
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """Invoke ``lmuasr`` in-process; returns (exit code, combined output)."""
+    from click.testing import CliRunner
+
+    from lmu_asr.cli import main
+
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.output

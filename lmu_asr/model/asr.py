@@ -26,9 +26,10 @@ from lmu_asr.text import BLANK
 class LMUASR(nn.Module):
     """fbank (B, T, 80) + lengths -> CTC logits (B, ceil(T/2), 29) + output lengths."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, augment: nn.Module | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.augment = augment  # e.g. SpecAugment: applied to normalised features in training mode only
         # Per-feature statistics from prep (meta.json); stored in the checkpoint so inference needs nothing else.
         self.register_buffer("feat_mean", torch.zeros(cfg.n_mels))
         self.register_buffer("feat_std", torch.ones(cfg.n_mels))
@@ -52,7 +53,10 @@ class LMUASR(nn.Module):
         return x * valid[..., None].to(x.dtype)
 
     def forward(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        h, out_lengths = self.encoder(self.normalize(feats, lengths), lengths)
+        x = self.normalize(feats, lengths)
+        if self.training and self.augment is not None:
+            x = self.augment(x, lengths)
+        h, out_lengths = self.encoder(x, lengths)
         return self.head(h), out_lengths
 
     @torch.no_grad()

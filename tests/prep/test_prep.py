@@ -13,7 +13,8 @@ import pytest
 
 from lmu_asr.prep.features import compute_fbank, load_audio
 from lmu_asr.prep.shards import iter_shard, read_sample
-from tests.prep.conftest import SHARD_FRAMES, expected_segments, expected_texts, run_cli
+from tests.conftest import SHARD_FRAMES
+from tests.helpers import expected_segments, expected_texts, run_cli
 
 
 def shard_contents(out: Path) -> dict[str, tuple[np.ndarray, dict]]:

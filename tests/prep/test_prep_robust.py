@@ -18,8 +18,8 @@ import soundfile as sf
 
 from lmu_asr.prep.features import compute_fbank, load_audio, resample
 from lmu_asr.text import normalize_transcript
-from tests.helpers import LJSPEECH, read_transcripts
-from tests.prep.conftest import SHARD_FRAMES, expected_segments, expected_texts, run_cli
+from tests.conftest import SHARD_FRAMES
+from tests.helpers import LJSPEECH, expected_segments, expected_texts, read_transcripts, run_cli
 from tests.prep.test_prep import shard_contents
 
 

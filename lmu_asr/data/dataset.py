@@ -1,0 +1,77 @@
+"""Batches as tensors: a map-style dataset over a plan's batches, and the DataLoader around it.
+
+Each item is a whole batch (static shape per bucket), assembled in a worker process: features stay float16 until
+they reach the device (half the host->device bytes), targets are a (B, S) matrix with true lengths (S =
+bucket // downsample, static). Pinned memory and ``non_blocking`` copies let the next batch's transfer overlap the
+current step. A damaged sample becomes an empty row, counted in ``skipped``: training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lmu_asr.data.sampler import Batch
+from lmu_asr.data.shards import ShardSet
+from lmu_asr.prep.shards import ShardError
+from lmu_asr.text import encode
+
+log = logging.getLogger(__name__)
+
+
+class BatchDataset(Dataset):
+    def __init__(self, shards: ShardSet, batches: Sequence[Batch], downsample: int, with_text: bool = False) -> None:
+        self.shards, self.batches, self.downsample, self.with_text = shards, list(batches), downsample, with_text
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> dict:
+        b = self.batches[k]
+        S = b.bucket // self.downsample
+        feats = np.zeros((b.capacity, b.bucket, 80), dtype=np.float16)
+        lengths = np.zeros(b.capacity, dtype=np.int64)
+        targets = np.zeros((b.capacity, S), dtype=np.int64)
+        target_lengths = np.zeros(b.capacity, dtype=np.int64)
+        texts, keys, skipped = [], [], 0
+        for row, i in enumerate(b.indices.tolist()):
+            try:
+                x, text = self.shards.read(i)
+                ids = encode(text)
+                if len(ids) > S:
+                    raise ShardError(f"{self.shards.keys[i]}: transcript longer than the index says")
+            except (ShardError, ValueError) as err:
+                log.warning("skipping a damaged sample: %s", err)
+                skipped += 1
+                texts.append("")
+                keys.append(self.shards.keys[i])
+                continue
+            feats[row, : x.shape[0]] = x
+            lengths[row] = x.shape[0]
+            targets[row, : len(ids)] = ids
+            target_lengths[row] = len(ids)
+            texts.append(text)
+            keys.append(self.shards.keys[i])
+        item = {"feats": torch.from_numpy(feats), "lengths": torch.from_numpy(lengths),
+                "targets": torch.from_numpy(targets), "target_lengths": torch.from_numpy(target_lengths),
+                "index": k, "real": b.real - skipped, "skipped": skipped}
+        if self.with_text:
+            item["texts"], item["keys"] = texts, keys
+        return item
+
+
+def make_loader(dataset: BatchDataset, start: int = 0, num_workers: int = 2, prefetch: int = 4,
+                pin_memory: bool = False) -> DataLoader:
+    """Batches ``start..len-1`` in order; workers take whole batches round-robin (order is deterministic)."""
+    return DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=num_workers,
+                      pin_memory=pin_memory, prefetch_factor=prefetch if num_workers > 0 else None,
+                      persistent_workers=False)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move the tensors of a batch (non_blocking from pinned memory); features stay float16 on the wire."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

@@ -1,0 +1,161 @@
+"""Epoch plans: which utterances form which batch, computed from the index alone, deterministically.
+
+A plan depends only on (index, config, seed, epoch, rank, world), never on what was read before, which is what
+makes resume exact and cheap: the trainer recomputes the epoch's plan and starts at batch *k*; nothing is
+replayed. The plan mirrors a WebDataset pipeline:
+
+1. shards are shuffled per epoch (seeded) and concatenated into one stream in file order;
+2. the stream is cut into ``world`` contiguous pieces of equal *frames*, one per rank: every rank reads mostly
+   whole shards (sequential I/O) and gets the same amount of audio, whatever the shard count, so an odd number
+   of shards can never leave a rank idle or hang a collective;
+3. each rank's piece goes through a seeded shuffle buffer (emulated on indices);
+4. utterances are bucketed by length: a batch holds utterances of one bucket, padded to the bucket's length, and
+   the number of rows per bucket is fixed (``batch_frames // bucket`` or ``batch_size``), so ``torch.compile``
+   sees one static shape per bucket; the partial batch a bucket is left with at the end of an epoch is filled
+   with empty rows (length 0) up to a power of two (a few more shapes, seen once per epoch, instead of a
+   nearly empty full-size batch).
+
+Utterances are skipped (and counted) when longer than ``max_frames`` (never truncated: that would leave the full
+transcript on a cut utterance), shorter than ``min_frames``, or too short for their transcript under CTC.
+DataLoader workers then take whole batches, so the rank -> worker split is at batch granularity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lmu_asr.config import DataConfig
+from lmu_asr.data.shards import ShardSet
+
+
+@dataclass
+class Batch:
+    bucket: int  # padded length in frames
+    capacity: int  # rows (static per bucket)
+    indices: np.ndarray  # utterance indices; rows past len(indices) are empty
+
+    @property
+    def real(self) -> int:
+        return len(self.indices)
+
+
+@dataclass
+class PlanStats:
+    utterances: int = 0
+    frames: int = 0
+    padded_frames: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def padding_ratio(self) -> float:
+        return 1.0 - self.frames / max(self.padded_frames, 1)
+
+
+def bucket_lengths(cfg: DataConfig, downsample: int) -> list[int]:
+    """The configured buckets up to max_frames, plus max_frames itself (rounded up to the stride) if needed."""
+    top = -(-cfg.max_frames // downsample) * downsample
+    buckets = [b for b in cfg.buckets if b < top]
+    return buckets + [top]
+
+
+def capacity(cfg: DataConfig, bucket: int) -> int:
+    return cfg.batch_size if cfg.batch_size > 0 else max(1, cfg.batch_frames // bucket)
+
+
+def eligible(shards: ShardSet, cfg: DataConfig, downsample: int) -> tuple[np.ndarray, dict[str, int]]:
+    """Mask of utterances that can be trained on, and why the others cannot."""
+    n = shards.num_frames
+    out_frames = -(-n // downsample)
+    reasons = {
+        "damaged_shard": ~shards.usable,
+        "longer_than_max_frames": n > cfg.max_frames,
+        "shorter_than_min_frames": n < cfg.min_frames,
+        "transcript_too_long_for_ctc": shards.min_out_frames > out_frames,
+    }
+    mask = np.ones(len(n), dtype=bool)
+    skipped = {}
+    for reason, bad in reasons.items():
+        count = int((bad & mask).sum())
+        if count:
+            skipped[reason] = count
+        mask &= ~bad
+    return mask, skipped
+
+
+def shuffle_buffer(items: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """What a streaming shuffle buffer of ``size`` emits for this input order (seeded)."""
+    if size <= 1 or len(items) <= 1:
+        return items.copy()
+    size = min(size, len(items))
+    buf = list(items[:size])
+    out = np.empty(len(items), dtype=items.dtype)
+    picks = rng.integers(0, size, len(items) - size)
+    for k, nxt in enumerate(items[size:].tolist()):
+        j = int(picks[k])
+        out[k] = buf[j]
+        buf[j] = nxt
+    out[len(items) - size:] = np.asarray(buf, dtype=items.dtype)[rng.permutation(size)]
+    return out
+
+
+def rank_stream(shards: ShardSet, mask: np.ndarray, epoch: int, seed: int, rank: int, world: int) -> np.ndarray:
+    """This rank's contiguous, equal-frames piece of the epoch's shard-shuffled stream."""
+    rng = np.random.default_rng([seed, epoch])
+    shard_rank = np.empty(len(shards.shard_names), dtype=np.int64)
+    shard_rank[rng.permutation(len(shards.shard_names))] = np.arange(len(shards.shard_names))
+    order = np.lexsort((shards.position, shard_rank[shards.shard_id]))
+    stream = order[mask[order]]
+    if world == 1 or len(stream) == 0:
+        return stream
+    frames = shards.num_frames[stream].astype(np.float64)
+    mid = np.cumsum(frames) - frames / 2
+    owner = np.minimum((mid * world / frames.sum()).astype(np.int64), world - 1)
+    return stream[owner == rank]
+
+
+def make_batches(order: np.ndarray, shards: ShardSet, cfg: DataConfig, downsample: int,
+                 stats: PlanStats) -> list[Batch]:
+    buckets = bucket_lengths(cfg, downsample)
+    which = np.searchsorted(buckets, shards.num_frames[order], side="left")
+    pending: list[list[int]] = [[] for _ in buckets]
+    batches = []
+    for idx, b in zip(order.tolist(), which.tolist(), strict=True):
+        pending[b].append(idx)
+        if len(pending[b]) == capacity(cfg, buckets[b]):
+            batches.append(Batch(buckets[b], len(pending[b]), np.asarray(pending[b], dtype=np.int64)))
+            pending[b] = []
+    for b, rest in enumerate(pending):  # partial batches last, padded with empty rows to a power of two
+        if rest:
+            rows = min(capacity(cfg, buckets[b]), 1 << (len(rest) - 1).bit_length())
+            batches.append(Batch(buckets[b], rows, np.asarray(rest, dtype=np.int64)))
+    stats.utterances += len(order)
+    stats.frames += int(shards.num_frames[order].sum())
+    stats.padded_frames += sum(b.bucket * b.capacity for b in batches)
+    return batches
+
+
+def epoch_plan(shards: ShardSet, cfg: DataConfig, downsample: int, epoch: int, seed: int, rank: int = 0,
+               world: int = 1) -> tuple[list[Batch], PlanStats]:
+    """This rank's batches for one training epoch (callers equalise the count across ranks)."""
+    mask, skipped = eligible(shards, cfg, downsample)
+    stats = PlanStats(skipped=skipped)
+    mine = rank_stream(shards, mask, epoch, seed, rank, world)
+    order = shuffle_buffer(mine, cfg.shuffle_buffer, np.random.default_rng([seed, epoch, rank, 1]))
+    return make_batches(order, shards, cfg, downsample, stats), stats
+
+
+def eval_plan(shards: ShardSet, cfg: DataConfig, downsample: int, rank: int = 0,
+              world: int = 1) -> tuple[list[Batch], PlanStats]:
+    """Evaluation: every usable utterance once, sorted by length (least padding), strided across ranks.
+
+    Utterances longer than max_frames are still evaluated (in extra buckets): evaluation must score everything.
+    """
+    longest = int(shards.num_frames[shards.usable].max()) if shards.usable.any() else cfg.max_frames
+    eval_cfg = DataConfig(**{**cfg.__dict__, "max_frames": max(cfg.max_frames, longest)})
+    mask, skipped = eligible(shards, eval_cfg, downsample)
+    stats = PlanStats(skipped=skipped)
+    order = np.flatnonzero(mask)
+    order = order[np.argsort(shards.num_frames[order], kind="stable")][rank::world]
+    return make_batches(order, shards, eval_cfg, downsample, stats), stats

@@ -1,0 +1,112 @@
+"""Where am I? Rank, world size and rendezvous from torchrun or SLURM, detected in this one place.
+
+* ``torchrun`` (single or multi-node with ``--rdzv-endpoint``) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+  MASTER_PORT: used as is.
+* ``srun`` under ``sbatch`` sets SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and SLURM_JOB_NODELIST: the master is
+  the first host of the node list, the port is derived from the job id (so two jobs on a node do not collide).
+* otherwise: a single process.
+
+NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list: "gpu[003-005,010],cpu1" -> "gpu003"; "n1,n2" -> "n1"."""
+    nodelist = nodelist.strip()
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def detect(env: dict[str, str] | None = None) -> DistInfo:
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                        env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                        int(env.get("MASTER_PORT") or 20000 + job % 20000), "slurm")
+    return DistInfo()
+
+
+def select_device(info: DistInfo, requested: str = "auto") -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but CUDA is not available")
+    torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def init(info: DistInfo, device: torch.device) -> None:
+    """Join the process group (no-op for a single process)."""
+    if not info.distributed or dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", info.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(info.master_port))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, **kwargs)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_min(value: int, device: torch.device) -> int:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], device=device, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,409 @@
+"""``lmuasr train``: shard loader -> compiled LMU-attention CTC model under DDP, with exact resume.
+
+The hot path has no host synchronisation: a non-finite step is skipped on the device (fused AdamW's ``found_inf``,
+or the GradScaler for fp16), and each step's loss is read one step late, after the next step is queued. Exact
+resume rests on three things: the epoch plan is a pure function of (seed, epoch, rank); the global RNG is reseeded
+from (seed, step, rank) before every step (dropout, SpecAugment); and the checkpoint holds model, optimiser,
+scheduler, scaler and counters. The LR schedule spans ``epochs`` (or ``optim.total_steps``); ``--max-steps`` only
+stops early, so ``--max-steps 4`` + ``--resume --max-steps 8`` equals one ``--max-steps 8`` run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lmu_asr import UserError
+from lmu_asr.config import Config, OptimConfig
+from lmu_asr.data.dataset import BatchDataset, make_loader, to_device
+from lmu_asr.data.sampler import epoch_plan
+from lmu_asr.data.shards import ShardSet
+from lmu_asr.data.specaug import SpecAugment
+from lmu_asr.model.asr import LMUASR, count_flops, ctc_loss
+from lmu_asr.train import checkpoint as ckpt
+from lmu_asr.train import dist
+from lmu_asr.train.evaluate import evaluate
+from lmu_asr.train.metrics import JsonlLog, TensorBoard, Throughput, read_jsonl
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(UserError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says why."""
+
+
+class CTCTrainStep(nn.Module):
+    """Forward + CTC loss as one module: what DDP wraps and torch.compile turns into one graph."""
+
+    def __init__(self, model: LMUASR) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
+                target_lengths: torch.Tensor) -> torch.Tensor:
+        logits, out_lengths = self.model(feats, lengths)
+        return ctc_loss(logits, out_lengths, targets, target_lengths)
+
+
+def lr_factor(cfg: OptimConfig, total_steps: int):  # noqa: ANN201 (returns a lambda for LambdaLR)
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return f
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norms; fused (one kernel, and device-side step skipping)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or precision == "fp32":
+        return None  # CPU runs fp32: autocast there is slower and not what a GPU run would compute anyway
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+class Trainer:
+    def __init__(self, cfg: Config, shards_dir: Path, run_dir: Path, dev_dir: Path | None = None,
+                 resume: bool = False, device: str = "auto", debug: bool = False, progress: bool = True) -> None:
+        self.cfg, self.run_dir, self.debug, self.progress = cfg, Path(run_dir), debug, progress
+        if debug:
+            cfg.train.max_steps = min(cfg.train.max_steps or 3, 3)
+            cfg.train.compile = False
+        if cfg.train.loader == "dali":
+            from lmu_asr.data.dali import require_dali
+
+            require_dali()
+        self.info = dist.detect()
+        self.device = dist.select_device(self.info, device)
+        self.shards = ShardSet.open(shards_dir)
+        self.dev = ShardSet.open(dev_dir) if dev_dir is not None else None
+        torch.manual_seed(cfg.train.seed)  # the initial weights are part of the run's identity
+        self.model = LMUASR(cfg.model, augment=SpecAugment(cfg.data.specaug))
+        self.model.set_normalization(*self.shards.stats())
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.bad_streak = self.bad_total = 0
+        self.best_wer = math.inf
+        self.resume = resume
+        self._stop_signal: int | None = None
+        self._pending: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ planning
+    def epoch_batches(self, epoch: int) -> tuple[list, Any]:
+        batches, stats = epoch_plan(self.shards, self.cfg.data, self.cfg.model.downsample, epoch,
+                                    self.cfg.train.seed, self.info.rank, self.info.world_size)
+        n = dist.all_reduce_min(len(batches), self.device)  # same step count on every rank: no hang
+        n -= n % self.cfg.optim.grad_accum
+        return batches[:n], stats
+
+    def describe(self) -> str:
+        """The --dry-run report: resolved config, data found, model size and cost."""
+        batches, stats = self.epoch_batches(0)
+        m = self.model
+        flops = count_flops(m, 1, 400)
+        lines = ["# resolved config", self.cfg.to_yaml().rstrip(), "", "# data",
+                 f"shards: {self.shards.directory} ({len(self.shards.shard_names)} shard(s), "
+                 f"{len(self.shards)} utterances, {self.shards.num_frames.sum() / 360_000:.2f} h)"]
+        if self.shards.damaged_shards:
+            lines.append(f"damaged shards (skipped): {', '.join(self.shards.damaged_shards)}")
+        lines += [f"epoch 0 on this rank: {stats.utterances} utterances in {len(batches)} batches, padding "
+                  f"{100 * stats.padding_ratio:.1f} %, skipped: {stats.skipped or 'none'}",
+                  f"dev: {self.dev.directory} ({len(self.dev)} utterances)" if self.dev else "dev: none",
+                  "", "# model", f"parameters: {m.num_parameters():,}",
+                  f"training FLOPs per utterance of 4 s (400 frames): {flops / 1e9:.2f} GFLOP",
+                  f"device: {self.device}, world size {self.info.world_size} ({self.info.launcher})"]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ state
+    def _payload(self) -> dict[str, Any]:
+        return ckpt.checkpoint_payload(
+            self.model, self.cfg, optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler else None, step=self.step, epoch=self.epoch,
+            batch_in_epoch=self.batch_in_epoch, bad_streak=self.bad_streak, bad_total=self.bad_total,
+            best_wer=self.best_wer, world_size=self.info.world_size)
+
+    def _save_last(self) -> None:
+        self._flush()
+        if self.info.is_main:
+            ckpt.atomic_save(self._payload(), self.run_dir / "checkpoints" / "last.pt")
+
+    def _restore(self) -> None:
+        path = self.run_dir / "checkpoints" / "last.pt"
+        state = ckpt.load(path)
+        old = state["config"]
+        for section in ("model", "data", "optim"):
+            if old[section] != asdict(getattr(self.cfg, section)):
+                diff = [k for k in old[section] if old[section][k] != asdict(getattr(self.cfg, section)).get(k)]
+                raise UserError(f"--resume: the {section} config differs from the checkpoint's in "
+                                f"{', '.join(f'{section}.{k}' for k in diff)}; resume with the same settings")
+        if state.get("world_size", 1) != self.info.world_size:
+            raise UserError(f"--resume: the checkpoint was written by {state['world_size']} process(es), this run "
+                            f"has {self.info.world_size}; the data plan depends on it")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.bad_streak, self.bad_total, self.best_wer = state["bad_streak"], state["bad_total"], state["best_wer"]
+        if self.info.is_main:
+            JsonlLog.truncate_after(self.run_dir / "log.jsonl", self.step)
+            evals = self.run_dir / "eval.jsonl"
+            if evals.is_file():  # validations of the epoch being resumed are redone
+                keep = [r for r in read_jsonl(evals) if r.get("epoch", 0) < self.epoch]
+                evals.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
+                 self.batch_in_epoch)
+
+    # ------------------------------------------------------------------ run
+    def _setup(self) -> None:
+        cfg, dev = self.cfg, self.device
+        self.model.to(dev)
+        self.opt = make_optimizer(self.model, cfg.optim)
+        self.amp = autocast_dtype(cfg.train.precision, dev)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        spe = len(self.epoch_batches(0)[0]) // cfg.optim.grad_accum
+        self.steps_per_epoch = spe
+        self.total_steps = cfg.optim.total_steps or max(1, spe * cfg.train.epochs)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg.optim, self.total_steps))
+        if self.resume:
+            self._restore()
+        step_module: nn.Module = CTCTrainStep(self.model)
+        if self.info.distributed:
+            step_module = nn.parallel.DistributedDataParallel(
+                step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.ddp = step_module
+        if cfg.train.compile:
+            # one graph per (bucket, rows) shape: more than dynamo's default cache of 8 recompiles
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 128)
+            torch._dynamo.config.accumulated_cache_size_limit = max(
+                torch._dynamo.config.accumulated_cache_size_limit, 512)
+        self.step_fn = torch.compile(step_module) if cfg.train.compile else step_module
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signum
+
+    def run(self) -> dict[str, Any]:
+        dist.init(self.info, self.device)
+        try:
+            return self._run()
+        finally:
+            dist.shutdown()
+
+    def _run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        if not self.resume and (self.run_dir / "checkpoints" / "last.pt").exists():
+            raise UserError(f"{self.run_dir} already holds a run; use --resume to continue it or a new --out")
+        self._setup()
+        main = self.info.is_main
+        if main:
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        self.steplog = JsonlLog(self.run_dir / "log.jsonl", main)
+        self.evallog = JsonlLog(self.run_dir / "eval.jsonl", main)
+        self.tb = TensorBoard(self.run_dir / "tensorboard", main)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        stop_at = cfg.train.max_steps or self.steps_per_epoch * cfg.train.epochs
+        bar = tqdm(total=max(0, stop_at - self.step), disable=not (main and self.progress), dynamic_ncols=True,
+                   desc="train", unit="step")
+        meter, started = Throughput(), time.perf_counter()
+        reason = "done"
+        try:
+            while self.epoch < cfg.train.epochs and reason == "done":
+                reason = self._train_epoch(stop_at, bar, meter)
+                if reason == "epoch_end":
+                    self._end_epoch()
+                    reason = "done"
+        finally:
+            bar.close()
+            self._flush()
+            self.steplog.close()
+            self.evallog.close()
+            self.tb.close()
+        if reason in ("max_steps", "done"):
+            self._save_last()
+        return {"step": self.step, "epoch": self.epoch, "reason": reason, "best_wer": self.best_wer,
+                "non_finite_steps": self.bad_total, "seconds": time.perf_counter() - started}
+
+    def _train_epoch(self, stop_at: int, bar: tqdm, meter: Throughput) -> str:
+        cfg, accum = self.cfg, self.cfg.optim.grad_accum
+        batches, _ = self.epoch_batches(self.epoch)
+        loader = make_loader(BatchDataset(self.shards, batches, cfg.model.downsample), self.batch_in_epoch,
+                             cfg.data.num_workers, cfg.data.prefetch,
+                             cfg.data.pin_memory and self.device.type == "cuda")
+        it = iter(loader)
+        while self.batch_in_epoch < len(batches):
+            if self.step >= stop_at:
+                return "max_steps"
+            t_wait = time.perf_counter()
+            micro = [next(it) for _ in range(accum)]
+            wait = time.perf_counter() - t_wait
+            self._optimizer_step(micro)
+            self.batch_in_epoch += accum
+            real = sum(b["real"] for b in micro)
+            frames = sum(int(b["lengths"].sum()) for b in micro)
+            meter.add(real, frames, sum(b["feats"].shape[0] * b["feats"].shape[1] for b in micro), wait)
+            bar.update(1)
+            if self.step % max(cfg.train.log_every, 1) == 0:
+                r = meter.rates()
+                bar.set_postfix_str(f"loss {self._last_loss:.3f} | {r['utt_per_s']:.0f} utt/s | "
+                                    f"{r['audio_s_per_s']:.0f} audio-s/s | wait {100 * r['data_wait']:.0f}%")
+            if cfg.train.save_every and self.step % cfg.train.save_every == 0:
+                self._save_last()
+            if self._preempted():
+                self._save_last()
+                self._requeue()
+                return "preempted"
+        return "epoch_end"
+
+    _last_loss = float("nan")
+
+    def _optimizer_step(self, micro: list[dict]) -> None:
+        accum = len(micro)
+        torch.manual_seed(step_seed(self.cfg.train.seed, self.step + 1, self.info.rank))
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for a, batch in enumerate(micro):
+            b = to_device(batch, self.device)
+            sync = self.ddp.no_sync() if (self.info.distributed and a < accum - 1) else contextlib.nullcontext()
+            with sync, torch.autocast(self.device.type, dtype=self.amp or torch.float32,
+                                      enabled=self.amp is not None):
+                loss = self.step_fn(b["feats"], b["lengths"], b["targets"], b["target_lengths"]) / accum
+            if self.debug:
+                self._debug_checks(b, loss)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or math.inf)
+        bad = ~torch.isfinite(gnorm) | ~torch.isfinite(total)
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.found_inf = bad.to(torch.float32)  # fused AdamW skips the update on the device
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        lr = self.sched.get_last_lr()[0]
+        self.sched.step()
+        work = None
+        if self.info.distributed:  # the logged loss is the mean over ranks, gathered without blocking this step
+            total = total / self.info.world_size
+            work = torch.distributed.all_reduce(total, async_op=True)
+        self._flush()  # the previous step's record: reading it waits for that step only
+        self.step += 1
+        self._pending = {"step": self.step, "epoch": self.epoch, "loss": total, "work": work, "grad_norm": gnorm,
+                         "bad": bad,
+                         "lr": lr, "utts": sum(b["real"] for b in micro),
+                         "skipped_samples": sum(b["skipped"] for b in micro)}
+
+    def _flush(self) -> None:
+        p, self._pending = self._pending, None
+        if p is None:
+            return
+        if p["work"] is not None:
+            p["work"].wait()
+        bad = bool(p["bad"])
+        loss = float(p["loss"])
+        self.bad_streak = self.bad_streak + 1 if bad else 0
+        self.bad_total += int(bad)
+        self._last_loss = loss
+        record = {"step": p["step"], "epoch": p["epoch"], "loss": loss, "lr": p["lr"],
+                  "grad_norm": float(p["grad_norm"]), "utterances": p["utts"], "non_finite": bad}
+        if p["skipped_samples"]:
+            record["skipped_samples"] = p["skipped_samples"]
+        self.steplog.write(record)
+        self.tb.scalars(p["step"], {"train/loss": loss, "train/lr": p["lr"]})
+        if bad:
+            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", p["step"],
+                        self.bad_streak)
+        if self.bad_streak >= self.cfg.train.max_bad_steps:
+            raise TrainingStopped(f"{self.bad_streak} optimiser steps in a row had a non-finite loss or gradient "
+                                  f"(step {p['step']}); lower --lr, use --precision bf16/fp32 or check the data")
+
+    def _debug_checks(self, b: dict, loss: torch.Tensor) -> None:
+        assert torch.isfinite(b["feats"].float()).all(), "non-finite input features"
+        assert int(b["targets"].max()) < self.cfg.model.vocab_size, "label outside the vocabulary"
+        assert bool((b["lengths"] <= b["feats"].shape[1]).all()), "length beyond the padded batch"
+        log.info("debug: batch %s, targets %s, loss %.4f", tuple(b["feats"].shape), tuple(b["targets"].shape),
+                 float(loss.detach()))
+
+    def _end_epoch(self) -> None:
+        self._flush()
+        epoch = self.epoch
+        if self.dev is not None:
+            res = evaluate(self.model, self.dev, self.cfg, self.device, self.cfg.train.eval_beam, self.amp)
+            record = {"epoch": epoch, "step": self.step, "dev_loss": res["loss"], "dev_wer": res["wer"],
+                      "dev_cer": res["cer"], "utterances": res["utterances"]}
+            self.evallog.write(record)
+            self.tb.scalars(self.step, {"dev/loss": res["loss"], "dev/wer": res["wer"], "dev/cer": res["cer"]})
+            log.info("epoch %d: dev loss %.4f, WER %.2f %%, CER %.2f %%", epoch, res["loss"], 100 * res["wer"],
+                     100 * res["cer"])
+            improved = res["wer"] < self.best_wer
+            self.best_wer = min(self.best_wer, res["wer"])
+        else:
+            improved = False
+        self.epoch, self.batch_in_epoch = epoch + 1, 0
+        if self.info.is_main:
+            payload = self._payload()
+            payload["epoch_completed"] = epoch
+            ckpt_dir = self.run_dir / "checkpoints"
+            ckpt.atomic_save(payload, ckpt_dir / f"checkpoint_epoch_{epoch}.pt")
+            if improved:
+                ckpt.save_best(payload, ckpt_dir, epoch)
+            keep = self.cfg.train.keep_epoch_checkpoints
+            if keep:
+                olds = sorted(ckpt_dir.glob("checkpoint_epoch_*[0-9].pt"), key=lambda p: p.stat().st_mtime)
+                for old in olds[:-keep]:
+                    old.unlink()
+            ckpt.atomic_save(payload, ckpt_dir / "last.pt")
+
+    def _preempted(self) -> bool:
+        flag = 1 if self._stop_signal is not None else 0
+        if self.info.distributed and self.step % 10 == 0:
+            t = torch.tensor([flag], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            return bool(t.item())
+        return bool(flag) and not self.info.distributed
+
+    def _requeue(self) -> None:
+        import os
+
+        job = os.environ.get("SLURM_JOB_ID")
+        log.warning("signal %s: checkpoint saved at step %d", self._stop_signal, self.step)
+        if job and self.info.is_main:
+            try:
+                subprocess.run(["scontrol", "requeue", job], check=False, timeout=30)
+                log.warning("requeued SLURM job %s", job)
+            except (OSError, subprocess.SubprocessError) as err:
+                log.warning("could not requeue job %s: %s", job, err)

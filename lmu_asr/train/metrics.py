@@ -1,0 +1,136 @@
+"""Run logs: JSON lines (``log.jsonl`` per optimiser step, ``eval.jsonl`` per validation), TensorBoard when it is
+installed, throughput accounting, and ``lmuasr plot RUN``.
+
+``log.jsonl`` keeps the contract "one object per optimiser step with at least ``step`` (1-based) and ``loss``";
+validation results go to ``eval.jsonl`` so a reader of the step log never meets a line without a loss. On resume,
+lines past the checkpoint's step are dropped first, so a killed-and-resumed run logs each step exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+class JsonlLog:
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+        self._f = open(path, "a", buffering=1) if enabled else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    @staticmethod
+    def truncate_after(path: Path, step: int) -> None:
+        """Drop records with ``step`` > ``step`` (written after the checkpoint a run resumes from)."""
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+class TensorBoard:
+    """Optional: writes scalars when the ``tensorboard`` package is installed, does nothing otherwise."""
+
+    def __init__(self, log_dir: Path, enabled: bool) -> None:
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                return
+            self.writer = SummaryWriter(str(log_dir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Throughput:
+    """Counts utterances/frames and the time spent waiting for data between reports."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.utts = self.frames = self.padded = 0
+        self.wait = 0.0
+
+    def add(self, utts: int, frames: int, padded: int, wait: float) -> None:
+        self.utts += utts
+        self.frames += frames
+        self.padded += padded
+        self.wait += wait
+
+    def rates(self) -> dict[str, float]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return {"utt_per_s": self.utts / dt, "audio_s_per_s": self.frames / 100 / dt,
+                "data_wait": self.wait / dt, "padding": 1 - self.frames / max(self.padded, 1)}
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Training loss (and dev loss / WER when present) against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = read_jsonl(run_dir / "log.jsonl")
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    if not steps:
+        raise FileNotFoundError(f"{run_dir / 'log.jsonl'} has no steps to plot")
+    fig, ax = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 3.5), squeeze=False)
+    ax[0, 0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train")
+    if evals:
+        ax[0, 0].plot([r["step"] for r in evals], [r["dev_loss"] for r in evals], "o-", label="dev")
+        ax[0, 1].plot([r["step"] for r in evals], [100 * r["dev_wer"] for r in evals], "o-", label="WER")
+        ax[0, 1].plot([r["step"] for r in evals], [100 * r["dev_cer"] for r in evals], "s-", label="CER")
+        ax[0, 1].set_xlabel("step")
+        ax[0, 1].set_ylabel("dev error (%)")
+        ax[0, 1].legend()
+    ax[0, 0].set_xlabel("step")
+    ax[0, 0].set_ylabel("CTC loss per label")
+    ax[0, 0].set_yscale("log")
+    ax[0, 0].legend()
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    out = out or run_dir / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
