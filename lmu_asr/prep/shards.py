@@ -28,6 +28,7 @@ FBANK_ZST_EXT = "fbank.npy.zst"
 JSON_EXT = "json"
 BLOCK = 512
 MAX_KEY_LEN = 80  # keeps every member name within a single ustar header (100 bytes)
+NPY_HEADER = 128  # np.save header of a 2-D float16 array: magic + length + dict, padded to 64 bytes
 
 
 def shard_name(index: int) -> str:
@@ -84,6 +85,8 @@ class ShardWriter:
         if len(key) > MAX_KEY_LEN or "." in key or "/" in key:
             raise ValueError(f"invalid sample key {key!r}")
         payload = npy_bytes(fbank.astype(np.float16, copy=False))
+        if 10 + int.from_bytes(payload[8:10], "little") != NPY_HEADER:  # readers (DALI) slice it off blindly
+            raise ValueError(f"unexpected .npy header size for shape {fbank.shape}")
         ext = FBANK_EXT
         if self._zstd is not None:
             payload, ext = self._zstd.compress(payload), FBANK_ZST_EXT

@@ -111,9 +111,16 @@ class Trainer:
         self.best_wer = math.inf
         self.resume = resume
         self._stop_signal: int | None = None
+        self.dali = None
         self._pending: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ planning
+    def _dali(self, checkpoint: str | None = None):  # noqa: ANN202
+        from lmu_asr.data.dali import DaliSource
+
+        return DaliSource(self.shards, self.cfg.data, self.cfg.model.downsample, self.cfg.train.seed,
+                          self.info.rank, self.info.world_size, self.device.index, checkpoint=checkpoint)
+
     def epoch_batches(self, epoch: int) -> tuple[list, Any]:
         batches, stats = epoch_plan(self.shards, self.cfg.data, self.cfg.model.downsample, epoch,
                                     self.cfg.train.seed, self.info.rank, self.info.world_size)
@@ -145,7 +152,8 @@ class Trainer:
             self.model, self.cfg, optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler else None, step=self.step, epoch=self.epoch,
             batch_in_epoch=self.batch_in_epoch, bad_streak=self.bad_streak, bad_total=self.bad_total,
-            best_wer=self.best_wer, world_size=self.info.world_size)
+            best_wer=self.best_wer, world_size=self.info.world_size,
+            dali=self.dali.checkpoint() if self.dali is not None else None)
 
     def _save_last(self) -> None:
         self._flush()
@@ -172,6 +180,8 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.bad_streak, self.bad_total, self.best_wer = state["bad_streak"], state["bad_total"], state["best_wer"]
+        if self.dali is not None:
+            self.dali = self._dali(state.get("dali"))
         if self.info.is_main:
             JsonlLog.truncate_after(self.run_dir / "log.jsonl", self.step)
             evals = self.run_dir / "eval.jsonl"
@@ -188,7 +198,9 @@ class Trainer:
         self.opt = make_optimizer(self.model, cfg.optim)
         self.amp = autocast_dtype(cfg.train.precision, dev)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
-        spe = len(self.epoch_batches(0)[0]) // cfg.optim.grad_accum
+        self.dali = self._dali() if cfg.train.loader == "dali" else None
+        n_batches = len(self.dali) if self.dali is not None else len(self.epoch_batches(0)[0])
+        spe = dist.all_reduce_min(n_batches, dev) // cfg.optim.grad_accum
         self.steps_per_epoch = spe
         self.total_steps = cfg.optim.total_steps or max(1, spe * cfg.train.epochs)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg.optim, self.total_steps))
@@ -257,12 +269,15 @@ class Trainer:
 
     def _train_epoch(self, stop_at: int, bar: tqdm, meter: Throughput) -> str:
         cfg, accum = self.cfg, self.cfg.optim.grad_accum
-        batches, _ = self.epoch_batches(self.epoch)
-        loader = make_loader(BatchDataset(self.shards, batches, cfg.model.downsample), self.batch_in_epoch,
-                             cfg.data.num_workers, cfg.data.prefetch,
-                             cfg.data.pin_memory and self.device.type == "cuda")
-        it = iter(loader)
-        while self.batch_in_epoch < len(batches):
+        if self.dali is not None:
+            n_batches, it = self.steps_per_epoch * accum, iter(self.dali)
+        else:
+            batches, _ = self.epoch_batches(self.epoch)
+            n_batches = len(batches)
+            it = iter(make_loader(BatchDataset(self.shards, batches, cfg.model.downsample), self.batch_in_epoch,
+                                  cfg.data.num_workers, cfg.data.prefetch,
+                                  cfg.data.pin_memory and self.device.type == "cuda"))
+        while self.batch_in_epoch < n_batches:
             if self.step >= stop_at:
                 return "max_steps"
             t_wait = time.perf_counter()
@@ -284,6 +299,9 @@ class Trainer:
                 self._save_last()
                 self._requeue()
                 return "preempted"
+        if self.dali is not None:
+            for _ in it:  # finish DALI's epoch so the next one starts at its beginning
+                pass
         return "epoch_end"
 
     _last_loss = float("nan")

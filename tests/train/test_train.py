@@ -137,6 +137,7 @@ def test_dry_run_and_debug(train_shards: Path, tmp_path: Path) -> None:
     (["--preset", "warp"], "unknown preset"),
     (["--set", "model.heads=3"], "unknown config field"),
     (["--resume"], "no checkpoint"),
+    (["--loader", "dali"], "dali"),
 ])
 def test_train_user_errors(train_shards: Path, tmp_path: Path, args: list[str], message: str) -> None:
     code, output = run_cli("train", "--shards", str(train_shards), "--out", str(tmp_path / "r"), *args)
