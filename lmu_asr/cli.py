@@ -108,7 +108,8 @@ def _overrides(pairs: tuple[str, ...], **flags: object) -> dict[str, object]:
 @click.option("--max-frames", type=int, help="Skip (and count) longer utterances.")
 @click.option("--lr", type=float)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]))
-@click.option("--compile/--no-compile", "compile_", default=None)
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the train step (default: on for CUDA, off on CPU where eager is faster).")
 @click.option("--loader", type=click.Choice(["wds", "dali"]))
 @click.option("--workers", type=int, help="DataLoader worker processes.")
 @click.option("--seed", type=int)
@@ -133,7 +134,8 @@ def train(shards: Path, dev_shards: Path | None, out: Path, preset: str | None, 
     overrides = _overrides(sets, **{
         "train.epochs": epochs, "train.max_steps": max_steps, "train.save_every": save_every,
         "data.batch_size": batch_size, "data.batch_frames": batch_frames, "data.max_frames": max_frames,
-        "optim.lr": lr, "train.precision": precision, "train.compile": compile_, "train.loader": loader,
+        "optim.lr": lr, "train.precision": precision,
+        "train.compile": None if compile_ is None else ("on" if compile_ else "off"), "train.loader": loader,
         "data.num_workers": workers, "train.seed": seed})
     if batch_frames is not None:
         overrides["data.batch_size"] = 0

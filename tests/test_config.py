@@ -40,7 +40,8 @@ def test_precedence(tmp_path: Path) -> None:
     ({"model.nope": 1}, "unknown config field"),
     ({"nope.lr": 1}, "unknown config section"),
     ({"optim.lr": "fast"}, "expected a number"),
-    ({"train.compile": "maybe"}, "expected true/false"),
+    ({"train.compile": "maybe"}, "auto, on or off"),
+    ({"data.specaug.enabled": "maybe"}, "expected true/false"),
     ({"model.n_heads": 5}, "divisible"),
     ({"train.precision": "fp8"}, "precision"),
     ({"data.buckets": "[100,64]"}, "buckets"),
@@ -49,6 +50,15 @@ def test_bad_values_give_one_line_errors(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message) as info:
         load_config("default", None, overrides)
     assert "\n" not in str(info.value)
+
+
+def test_compile_spellings() -> None:
+    from lmu_asr.config import compile_enabled
+
+    assert load_config("default", None, {"train.compile": True}).train.compile == "on"
+    assert load_config("default", None, {"train.compile": "false"}).train.compile == "off"
+    auto = load_config("default")
+    assert compile_enabled(auto, "cuda") and not compile_enabled(auto, "cpu")
 
 
 def test_bad_preset_and_files(tmp_path: Path) -> None:

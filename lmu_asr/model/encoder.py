@@ -99,7 +99,7 @@ class Block(nn.Module):
                             mode=resolve_lmu_mode(cfg), chunk=cfg.lmu_chunk)
         self.lmu_out = nn.Identity() if cfg.lmu_hidden == cfg.d_model else nn.Linear(cfg.lmu_hidden, cfg.d_model)
         self.norm_attn = nn.LayerNorm(cfg.d_model)
-        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout)
         self.ffn: nn.Module | None = None
         if cfg.ffn_dim > 0:
             self.norm_ffn = nn.LayerNorm(cfg.d_model)

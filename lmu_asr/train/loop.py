@@ -10,7 +10,6 @@ stops early, so ``--max-steps 4`` + ``--resume --max-steps 8`` equals one ``--ma
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -22,20 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from lmu_asr import UserError
-from lmu_asr.config import Config, OptimConfig
-from lmu_asr.data.dataset import BatchDataset, make_loader, to_device
+from lmu_asr.config import Config
+from lmu_asr.data.dataset import BatchDataset, make_loader
 from lmu_asr.data.sampler import epoch_plan
 from lmu_asr.data.shards import ShardSet
 from lmu_asr.data.specaug import SpecAugment
-from lmu_asr.model.asr import LMUASR, count_flops, ctc_loss
+from lmu_asr.model.asr import LMUASR, count_flops
 from lmu_asr.train import checkpoint as ckpt
 from lmu_asr.train import dist
 from lmu_asr.train.evaluate import evaluate
 from lmu_asr.train.metrics import JsonlLog, TensorBoard, Throughput, read_jsonl
+from lmu_asr.train.step import StepRunner, step_seed
 
 log = logging.getLogger(__name__)
 
@@ -44,57 +43,13 @@ class TrainingStopped(UserError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message says why."""
 
 
-class CTCTrainStep(nn.Module):
-    """Forward + CTC loss as one module: what DDP wraps and torch.compile turns into one graph."""
-
-    def __init__(self, model: LMUASR) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, feats: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
-                target_lengths: torch.Tensor) -> torch.Tensor:
-        logits, out_lengths = self.model(feats, lengths)
-        return ctc_loss(logits, out_lengths, targets, target_lengths)
-
-
-def lr_factor(cfg: OptimConfig, total_steps: int):  # noqa: ANN201 (returns a lambda for LambdaLR)
-    def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
-
-    return f
-
-
-def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases and norms; fused (one kernel, and device-side step skipping)."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or precision == "fp32":
-        return None  # CPU runs fp32: autocast there is slower and not what a GPU run would compute anyway
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
 class Trainer:
     def __init__(self, cfg: Config, shards_dir: Path, run_dir: Path, dev_dir: Path | None = None,
                  resume: bool = False, device: str = "auto", debug: bool = False, progress: bool = True) -> None:
         self.cfg, self.run_dir, self.debug, self.progress = cfg, Path(run_dir), debug, progress
         if debug:
             cfg.train.max_steps = min(cfg.train.max_steps or 3, 3)
-            cfg.train.compile = False
+            cfg.train.compile = "off"
         if cfg.train.loader == "dali":
             from lmu_asr.data.dali import require_dali
 
@@ -149,8 +104,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def _payload(self) -> dict[str, Any]:
         return ckpt.checkpoint_payload(
-            self.model, self.cfg, optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
-            scaler=self.scaler.state_dict() if self.scaler else None, step=self.step, epoch=self.epoch,
+            self.model, self.cfg, **self.runner.state_dict(), step=self.step, epoch=self.epoch,
             batch_in_epoch=self.batch_in_epoch, bad_streak=self.bad_streak, bad_total=self.bad_total,
             best_wer=self.best_wer, world_size=self.info.world_size,
             dali=self.dali.checkpoint() if self.dali is not None else None)
@@ -173,10 +127,7 @@ class Trainer:
             raise UserError(f"--resume: the checkpoint was written by {state['world_size']} process(es), this run "
                             f"has {self.info.world_size}; the data plan depends on it")
         self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        self.runner.load_state_dict(state)
         ckpt.set_rng_state(state["rng"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.bad_streak, self.bad_total, self.best_wer = state["bad_streak"], state["bad_total"], state["best_wer"]
@@ -193,33 +144,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def _setup(self) -> None:
-        cfg, dev = self.cfg, self.device
-        self.model.to(dev)
-        self.opt = make_optimizer(self.model, cfg.optim)
-        self.amp = autocast_dtype(cfg.train.precision, dev)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        cfg = self.cfg
         self.dali = self._dali() if cfg.train.loader == "dali" else None
         n_batches = len(self.dali) if self.dali is not None else len(self.epoch_batches(0)[0])
-        spe = dist.all_reduce_min(n_batches, dev) // cfg.optim.grad_accum
-        self.steps_per_epoch = spe
-        self.total_steps = cfg.optim.total_steps or max(1, spe * cfg.train.epochs)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg.optim, self.total_steps))
+        self.steps_per_epoch = dist.all_reduce_min(n_batches, self.device) // cfg.optim.grad_accum
+        total_steps = cfg.optim.total_steps or max(1, self.steps_per_epoch * cfg.train.epochs)
+        self.runner = StepRunner(self.model, cfg, self.device, self.info, total_steps, self.debug)
         if self.resume:
             self._restore()
-        step_module: nn.Module = CTCTrainStep(self.model)
-        if self.info.distributed:
-            step_module = nn.parallel.DistributedDataParallel(
-                step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
-        self.ddp = step_module
-        if cfg.train.compile:
-            # one graph per (bucket, rows) shape: more than dynamo's default cache of 8 recompiles
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 128)
-            torch._dynamo.config.accumulated_cache_size_limit = max(
-                torch._dynamo.config.accumulated_cache_size_limit, 512)
-        self.step_fn = torch.compile(step_module) if cfg.train.compile else step_module
-        if dev.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
@@ -307,42 +239,10 @@ class Trainer:
     _last_loss = float("nan")
 
     def _optimizer_step(self, micro: list[dict]) -> None:
-        accum = len(micro)
-        torch.manual_seed(step_seed(self.cfg.train.seed, self.step + 1, self.info.rank))
-        self.model.train()
-        total = torch.zeros((), device=self.device)
-        for a, batch in enumerate(micro):
-            b = to_device(batch, self.device)
-            sync = self.ddp.no_sync() if (self.info.distributed and a < accum - 1) else contextlib.nullcontext()
-            with sync, torch.autocast(self.device.type, dtype=self.amp or torch.float32,
-                                      enabled=self.amp is not None):
-                loss = self.step_fn(b["feats"], b["lengths"], b["targets"], b["target_lengths"]) / accum
-            if self.debug:
-                self._debug_checks(b, loss)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.detach()
-        if self.scaler:
-            self.scaler.unscale_(self.opt)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or math.inf)
-        bad = ~torch.isfinite(gnorm) | ~torch.isfinite(total)
-        if self.scaler:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.found_inf = bad.to(torch.float32)  # fused AdamW skips the update on the device
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        lr = self.sched.get_last_lr()[0]
-        self.sched.step()
-        work = None
-        if self.info.distributed:  # the logged loss is the mean over ranks, gathered without blocking this step
-            total = total / self.info.world_size
-            work = torch.distributed.all_reduce(total, async_op=True)
+        out = self.runner(micro, step_seed(self.cfg.train.seed, self.step + 1, self.info.rank))
         self._flush()  # the previous step's record: reading it waits for that step only
         self.step += 1
-        self._pending = {"step": self.step, "epoch": self.epoch, "loss": total, "work": work, "grad_norm": gnorm,
-                         "bad": bad,
-                         "lr": lr, "utts": sum(b["real"] for b in micro),
+        self._pending = {**out, "step": self.step, "epoch": self.epoch, "utts": sum(b["real"] for b in micro),
                          "skipped_samples": sum(b["skipped"] for b in micro)}
 
     def _flush(self) -> None:
@@ -369,18 +269,11 @@ class Trainer:
             raise TrainingStopped(f"{self.bad_streak} optimiser steps in a row had a non-finite loss or gradient "
                                   f"(step {p['step']}); lower --lr, use --precision bf16/fp32 or check the data")
 
-    def _debug_checks(self, b: dict, loss: torch.Tensor) -> None:
-        assert torch.isfinite(b["feats"].float()).all(), "non-finite input features"
-        assert int(b["targets"].max()) < self.cfg.model.vocab_size, "label outside the vocabulary"
-        assert bool((b["lengths"] <= b["feats"].shape[1]).all()), "length beyond the padded batch"
-        log.info("debug: batch %s, targets %s, loss %.4f", tuple(b["feats"].shape), tuple(b["targets"].shape),
-                 float(loss.detach()))
-
     def _end_epoch(self) -> None:
         self._flush()
         epoch = self.epoch
         if self.dev is not None:
-            res = evaluate(self.model, self.dev, self.cfg, self.device, self.cfg.train.eval_beam, self.amp)
+            res = evaluate(self.model, self.dev, self.cfg, self.device, self.cfg.train.eval_beam, self.runner.amp)
             record = {"epoch": epoch, "step": self.step, "dev_loss": res["loss"], "dev_wer": res["wer"],
                       "dev_cer": res["cer"], "utterances": res["utterances"]}
             self.evallog.write(record)

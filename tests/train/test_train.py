@@ -43,6 +43,15 @@ def test_max_steps_then_resume_is_bit_identical(train_shards: Path, tmp_path: Pa
     assert split == straight  # bit-identical floats, steps 1-8 (5-8 after the resume)
 
 
+def test_compiled_training_matches_eager(train_shards: Path, tmp_path: Path) -> None:
+    # compiled code draws random numbers differently (inductor's philox), so compare without dropout/SpecAugment
+    quiet = ["--max-steps", "2", "--set", "model.dropout=0", "--set", "data.specaug.enabled=false"]
+    train(train_shards, tmp_path / "eager", *quiet, "--no-compile")
+    train(train_shards, tmp_path / "compiled", *quiet, "--compile")
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert compiled == pytest.approx(eager, rel=1e-3)
+
+
 def test_kill_9_mid_epoch_then_resume(train_shards: Path, tmp_path: Path) -> None:
     steps = 24
     train(train_shards, tmp_path / "reference", "--max-steps", str(steps))
