@@ -236,6 +236,123 @@ def bench() -> None:
     """Throughput, memory and MFU benchmarks (JSON + markdown + PNG reports)."""
 
 
+def _bench_device(device: str):  # noqa: ANN202
+    import torch
+
+    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+@bench.command("model")
+@click.option("--out", default="bench/results", show_default=True, type=click.Path(path_type=Path))
+@click.option("--lengths", default="100,300,1000,3000", show_default=True, help="Sequence lengths (frames).")
+@click.option("--batch", default=16, show_default=True)
+@click.option("--memory-dim", type=int, help="LMU input channels (default: the reference design's).")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@user_errors
+def bench_model_cmd(out: Path, lengths: str, batch: int, memory_dim: int | None, device: str) -> None:
+    """LMU parallel forms vs the step recurrence vs nn.LSTM, forward+backward, across lengths."""
+    from lmu_asr.bench.model import bench_model
+
+    data = bench_model(out, [int(x) for x in lengths.split(",")], batch, _bench_device(device), memory_dim=memory_dim)
+    for r in data["rows"]:
+        click.echo(f"{r['frames']:5d} frames: best {r['best_parallel']:18s} x{r.get('speedup_vs_recurrence', 0):6.1f}"
+                   f" vs recurrence, x{r['speedup_vs_lstm']:5.1f} vs LSTM")
+    click.echo("reports: " + ", ".join(data["files"]))
+
+
+def _bench_cfg(preset: str, precision: str | None, compile_: bool | None, sets: tuple[str, ...]):  # noqa: ANN202
+    from lmu_asr.config import load_config
+
+    return load_config(preset, None, _overrides(sets, **{
+        "train.precision": precision, "train.compile": None if compile_ is None else ("on" if compile_ else "off")}))
+
+
+@bench.command("train")
+@click.option("--out", default="bench/results", show_default=True, type=click.Path(path_type=Path))
+@click.option("--preset", default="default", show_default=True)
+@click.option("--batch", "batches", multiple=True, type=int, help="Batch sizes (default: 48, 64, 96 as the seed).")
+@click.option("--frames", default=400, show_default=True, help="Padded length (the seed's limit: 400).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--compile/--no-compile", "compile_", default=None)
+@click.option("--set", "sets", multiple=True, help="Config overrides, as for train.")
+@click.option("--steps", default=10, show_default=True, help="Steps per timed window.")
+@click.option("--windows", default=3, show_default=True, help="Timed windows (the median is reported).")
+@click.option("--shards", type=click.Path(path_type=Path), help="Also run the real loader on these shards.")
+@click.option("--peak-tflops", type=float, help="Device peak for MFU (default: built-in table).")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@user_errors
+def bench_train_cmd(out: Path, preset: str, batches: tuple[int, ...], frames: int, precision: str | None,
+                    compile_: bool | None, sets: tuple[str, ...], steps: int, windows: int, shards: Path | None,
+                    peak_tflops: float | None, device: str) -> None:
+    """Training-step throughput, memory and MFU, beside the seed's published figures."""
+    import json
+
+    from lmu_asr.bench.train import bench_train, bench_train_shards
+
+    cfg = _bench_cfg(preset, precision, compile_, sets)
+    dev = _bench_device(device)
+    data = bench_train(cfg, out, dev, [(b, frames) for b in (batches or (48, 64, 96))], steps, windows,
+                       peak_tflops)
+    for r in data["rows"]:
+        mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] else "n/a"
+        click.echo(f"b{r['batch']} x {r['frames']}: {r['it_per_s']:.2f} it/s, {r['utt_per_s']:.0f} utt/s, "
+                   f"{r['audio_s_per_s']:.0f} audio-s/s, MFU {mfu}")
+    if shards is not None:
+        real = bench_train_shards(cfg, shards, dev)
+        (out / "train_shards.json").write_text(json.dumps(real, indent=1))
+        click.echo(f"real shards: {real['utt_per_s']:.0f} utt/s, data wait {100 * real['data_wait']:.1f} %, "
+                   f"padding {100 * real['padding']:.1f} %")
+    click.echo("reports: " + ", ".join(data["files"]))
+
+
+@bench.command("scale")
+@click.option("--out", default="bench/results", show_default=True, type=click.Path(path_type=Path))
+@click.option("--preset", default="default", show_default=True)
+@click.option("--frames", default=400, show_default=True)
+@click.option("--batches", default="16,32,64,128,256,512,1024,2048", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--compile/--no-compile", "compile_", default=None)
+@click.option("--set", "sets", multiple=True)
+@click.option("--peak-tflops", type=float)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@user_errors
+def bench_scale_cmd(out: Path, preset: str, frames: int, batches: str, precision: str | None,
+                    compile_: bool | None, sets: tuple[str, ...], peak_tflops: float | None, device: str) -> None:
+    """Throughput and memory against batch size (find the knee and the memory ceiling; meant for GPUs)."""
+    from lmu_asr.bench.train import bench_scale
+
+    cfg = _bench_cfg(preset, precision, compile_, sets)
+    data = bench_scale(cfg, out, _bench_device(device), frames, [int(b) for b in batches.split(",")],
+                       peak_tflops=peak_tflops)
+    click.echo(f"knee at batch {data['knee_batch']}; out of memory at {data['out_of_memory_at'] or 'none'}")
+    click.echo("reports: " + ", ".join(data["files"]))
+
+
+@bench.command("loader")
+@click.option("--corpus-dir", type=click.Path(path_type=Path), help="A GigaSpeech-layout corpus.")
+@click.option("--subset", default="xs", show_default=True)
+@click.option("--speech-dir", type=click.Path(path_type=Path), help="Or build one from a transcripts.tsv folder.")
+@click.option("--out", default="bench/results", show_default=True, type=click.Path(path_type=Path))
+@user_errors
+def bench_loader_cmd(corpus_dir: Path | None, subset: str, speech_dir: Path | None, out: Path) -> None:
+    """Loader throughput per worker: our shards vs the seed's per-utterance decoding vs lhotse's pipeline."""
+    from lmu_asr.bench.loader import bench_loader
+    from lmu_asr.bench.prep import build_bench_corpus
+    from lmu_asr.prep.pipeline import PrepOptions, run_prep
+
+    if corpus_dir is None:
+        if speech_dir is None:
+            raise UserError("give --corpus-dir (GigaSpeech layout) or --speech-dir (transcripts.tsv folder)")
+        corpus_dir = build_bench_corpus(speech_dir, out / "prep_corpus")
+    shards = out / "loader_shards"
+    run_prep(PrepOptions(out=shards, corpus_dir=corpus_dir, subset=subset, progress=False))
+    data = bench_loader(corpus_dir, subset, shards, out)
+    for r in data["rows"]:
+        click.echo(f"{r['loader'][:60]:60s} {r['utt_per_s']:9.0f} utt/s per worker")
+    click.echo(f"ours / seed: {data['ratio_vs_seed']:.0f}x; ours / lhotse: {data['ratio_vs_lhotse']:.1f}x")
+    click.echo("reports: " + ", ".join(data["files"]))
+
+
 @bench.command("prep")
 @click.option("--corpus-dir", type=click.Path(path_type=Path), help="A GigaSpeech-layout corpus.")
 @click.option("--subset", default="xs", show_default=True)

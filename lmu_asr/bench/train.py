@@ -105,6 +105,53 @@ def bench_train_config(cfg: Config, batch: int, frames: int, device: torch.devic
             "measured fp32 matmul on this CPU", **peak_memory_gb(device)}
 
 
+def bench_train_shards(cfg: Config, shards_dir: Path, device: torch.device, steps: int = 30,
+                       warmup: int = 3) -> dict[str, Any]:
+    """The real loader feeding the real step: throughput, padding and the fraction of time spent waiting for data."""
+    from lmu_asr.data.dataset import BatchDataset, make_loader
+    from lmu_asr.data.sampler import epoch_plan
+    from lmu_asr.data.shards import ShardSet
+
+    shards = ShardSet.open(shards_dir)
+    torch.manual_seed(0)
+    model = LMUASR(cfg.model, augment=SpecAugment(cfg.data.specaug))
+    model.set_normalization(*shards.stats())
+    runner = StepRunner(model, cfg, device, DistInfo(), total_steps=10_000)
+    batches, stats = epoch_plan(shards, cfg.data, cfg.model.downsample, 0, 0)
+    loader = make_loader(BatchDataset(shards, batches, cfg.model.downsample), 0, cfg.data.num_workers,
+                         cfg.data.prefetch, cfg.data.pin_memory and device.type == "cuda")
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    it = iter(loader)
+    wait = utts = frames = padded = n = 0
+    t0 = None
+    while n < steps + warmup:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(make_loader(BatchDataset(shards, batches, cfg.model.downsample), 0, cfg.data.num_workers,
+                                  cfg.data.prefetch, cfg.data.pin_memory and device.type == "cuda"))
+            continue
+        if n == warmup:
+            sync()
+            t0 = time.perf_counter()
+        elif n > warmup:
+            wait += time.perf_counter() - t
+        if n >= warmup:
+            utts += batch["real"]
+            frames += int(batch["lengths"].sum())
+            padded += batch["feats"].shape[0] * batch["feats"].shape[1]
+        out = runner([batch], seed=n)
+        n += 1
+    float(out["loss"])
+    sync()
+    total = time.perf_counter() - t0
+    return {"shards": str(shards_dir), "steps": steps, "it_per_s": steps / total, "utt_per_s": utts / total,
+            "audio_s_per_s": frames / 100 / total, "padding": 1 - frames / max(padded, 1),
+            "data_wait": wait / total, "workers": cfg.data.num_workers, "plan_padding": stats.padding_ratio,
+            **peak_memory_gb(device)}
+
+
 def seed_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Our rows next to the seed's published table at the same batch size (<= 400 frames)."""
     out = []

@@ -55,7 +55,7 @@ class DaliSource:
 
     def __init__(self, shards: ShardSet, cfg: DataConfig, downsample: int, seed: int, rank: int = 0,
                  world: int = 1, device_id: int | None = None, shuffle: bool = True,
-                 checkpoint: str | None = None) -> None:
+                 checkpoint: str | None = None, num_threads: int = 4) -> None:
         if shards.compressed:
             raise UserError("--loader dali reads uncompressed shards only (prep without --compress zstd)")
         from nvidia.dali import fn, pipeline_def, types
@@ -69,7 +69,7 @@ class DaliSource:
         n_utts = int(shards.usable.sum())
         self.batches_per_epoch = math.ceil(math.ceil(n_utts / world) / self.batch_size)
 
-        @pipeline_def(batch_size=self.batch_size, num_threads=4, device_id=device_id, seed=seed,
+        @pipeline_def(batch_size=self.batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                       enable_checkpointing=True, prefetch_queue_depth=2)
         def pipeline():  # noqa: ANN202
             fbank, meta = fn.readers.webdataset(
