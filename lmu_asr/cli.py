@@ -231,6 +231,42 @@ def plot(run: Path, out: Path | None) -> None:
     click.echo(str(plot_run(run, out)))
 
 
+@main.command()
+@click.option("--out", default="demo_run", show_default=True, type=click.Path(path_type=Path),
+              help="Run directory (corpus, shards, run/, report.md).")
+@click.option("--speech-dir", type=click.Path(path_type=Path),
+              help="Use a transcripts.tsv folder (utt_id path speaker text) instead of the built-in corpus.")
+@click.option("--test-speakers", default="", help="Comma-separated speakers held out for testing.")
+@click.option("--test-pattern", help="Regex on utt_id selecting test utterances (FSDD's own split: '_0[0-4]$').")
+@click.option("--mix-synthetic", default=0, show_default=True,
+              help="Add N training utterances: the training transcripts spoken by eSpeak voices.")
+@click.option("--preset", default="cpu-small", show_default=True)
+@click.option("--epochs", type=int, help="Training epochs (default: the preset's).")
+@click.option("--set", "sets", multiple=True, help="Config overrides for training (--set model.dropout=0.2).")
+@click.option("--utterances", default=1500, show_default=True, help="Built-in corpus: training utterances.")
+@click.option("--quick", is_flag=True, help="A small, fast version (about two minutes).")
+@click.option("--jobs", default=2, show_default=True)
+@click.option("--beam", default=8, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--progress/--no-progress", default=True)
+@user_errors
+def demo(out: Path, speech_dir: Path | None, test_speakers: str, test_pattern: str | None, mix_synthetic: int,
+         preset: str, epochs: int | None, sets: tuple[str, ...], utterances: int, quick: bool, jobs: int,
+         beam: int, seed: int, progress: bool) -> None:
+    """Build a corpus, prep, train, evaluate on held-out speakers, transcribe, bench, and write a report."""
+    from lmu_asr.demo import DemoOptions, run_demo, summary_screen
+
+    if test_speakers and test_pattern:
+        raise UserError("give --test-speakers or --test-pattern, not both")
+    if (test_speakers or test_pattern or mix_synthetic) and speech_dir is None:
+        raise UserError("--test-speakers, --test-pattern and --mix-synthetic need --speech-dir")
+    opts = DemoOptions(out=out, speech_dir=speech_dir, test_speakers=[s for s in test_speakers.split(",") if s],
+                       test_pattern=test_pattern, mix_synthetic=mix_synthetic, preset=preset, epochs=epochs,
+                       overrides=_overrides(sets), utterances=utterances, quick=quick, jobs=jobs, beam=beam,
+                       seed=seed, progress=progress)
+    click.echo(summary_screen(run_demo(opts)))
+
+
 @main.group()
 def bench() -> None:
     """Throughput, memory and MFU benchmarks (JSON + markdown + PNG reports)."""
@@ -364,16 +400,15 @@ def bench_loader_cmd(corpus_dir: Path | None, subset: str, speech_dir: Path | No
 def bench_prep_cmd(corpus_dir: Path | None, subset: str, speech_dir: Path | None, out: Path,
                    max_recordings: int) -> None:
     """Prep throughput per core: ours vs decoding per segment vs lhotse per-cut; extractors; zstd."""
-    import torch
-
     from lmu_asr.bench.prep import bench_prep, build_bench_corpus
+    from lmu_asr.bench.report import torch_threads
 
-    torch.set_num_threads(1)
     if corpus_dir is None:
         if speech_dir is None:
             raise UserError("give --corpus-dir (GigaSpeech layout) or --speech-dir (transcripts.tsv folder)")
         corpus_dir = build_bench_corpus(speech_dir, out / "prep_corpus")
-    data = bench_prep(corpus_dir, subset, out, max_recordings)
+    with torch_threads(1):
+        data = bench_prep(corpus_dir, subset, out, max_recordings)
     for row in data["approaches"]:
         click.echo(f"{row['approach']:45s} {row['audio_s_per_s']:10.1f} audio-s/s per core")
     click.echo(f"ours / naive: {data['ratio_vs_naive']:.1f}x; ours / lhotse per-cut: "

@@ -50,6 +50,7 @@ class SpecAugmentConfig:
     time_masks: int = 2
     time_width: float = 0.05  # fraction of each utterance's length
     time_width_max: int = 40
+    freq_warp: float = 0.0  # vocal-tract-like warp: mel axis scaled by U[1-w, 1+w] per utterance (0: off)
 
 
 @dataclass
@@ -125,6 +126,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Ours: frame-budget batching (dynamic batch size, static bucket shapes).
     "fast": {"data.batch_frames": 200_000, "data.max_frames": 3000},
     "fast-h100": {"data.batch_frames": 600_000, "data.max_frames": 3000, "data.num_workers": 8},
+    # Small model for the demo and the real-speech accuracy checks on a 2-core CPU (minutes, not hours).
+    "cpu-small": {
+        "model.d_model": 144, "model.n_blocks": 3, "model.n_heads": 4, "model.lmu_order": 64,
+        "model.lmu_theta": 100.0, "model.lmu_hidden": 144, "model.lmu_memory_dim": 4, "model.dropout": 0.1,
+        "data.batch_frames": 3000, "data.num_workers": 1, "data.buckets": [64, 96, 128, 192, 256, 384, 512, 800,
+                                                                            1200, 1600, 2048, 3000],
+        "data.shuffle_buffer": 500, "data.pin_memory": False,
+        "optim.lr": 2e-3, "optim.warmup_steps": 100, "train.precision": "fp32", "train.epochs": 40,
+        "train.save_every": 200,
+    },
     # Tiny model for tests, demos and 2-core CPUs.
     "cpu-tiny": {
         "model.d_model": 96, "model.n_blocks": 2, "model.n_heads": 4, "model.lmu_order": 32,

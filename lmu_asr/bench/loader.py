@@ -21,7 +21,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from lmu_asr.bench.report import environment, markdown_table, write_report
+from lmu_asr.bench.report import environment, markdown_table, torch_threads, write_report
 from lmu_asr.config import DataConfig
 from lmu_asr.data.dataset import BatchDataset
 from lmu_asr.data.sampler import epoch_plan
@@ -126,9 +126,15 @@ def segments_of(shards: ShardSet, corpus_dir: Path, limit: int) -> list[dict[str
 
 def bench_loader(corpus_dir: Path, subset: str, shards_dir: Path, out_dir: Path, max_seed: int = 400
                  ) -> dict[str, Any]:
+    """Loader throughput per worker (one thread each), ours against the alternatives; writes the report."""
+    with torch_threads(1):
+        return _bench_loader(corpus_dir, subset, shards_dir, out_dir, max_seed)
+
+
+def _bench_loader(corpus_dir: Path, subset: str, shards_dir: Path, out_dir: Path, max_seed: int
+                  ) -> dict[str, Any]:
     from lhotse import CutSet
 
-    torch.set_num_threads(1)
     shards = ShardSet.open(shards_dir)
     cfg = DataConfig(batch_frames=20_000, max_frames=3000, shuffle_buffer=500)
     ours = run_ours(shards, cfg)

@@ -13,7 +13,8 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,22 @@ for _row in SEED_REFERENCE:
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) for MFU; override with --peak-tflops.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 6000": 364.0,
                     "RTX 4090": 165.0, "A10": 125.0, "V100": 125.0}
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a per-core measurement with `n` intra-op threads, then restore the caller's setting.
+
+    Why restore: benches run in-process from the CLI and from tests; a leaked thread count changes the
+    floating-point reduction order of everything that runs afterwards in that process (bit-exact resume
+    checks included).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def device_name(device: torch.device) -> str:

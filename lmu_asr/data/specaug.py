@@ -1,4 +1,4 @@
-"""SpecAugment on the training device: batched masks from a few tensor ops, no per-utterance Python.
+"""SpecAugment on the training device: batched masks (and an optional frequency warp) from a few tensor ops.
 
 Applied to normalised features (so a masked value is the corpus mean, 0), inside the model's forward when it is in
 training mode; its randomness comes from torch's global generator, which the trainer reseeds every step, so a
@@ -25,6 +25,8 @@ class SpecAugment(nn.Module):
             return x
         B, T, F = x.shape
         dev = x.device
+        if cfg.freq_warp > 0:
+            x = self.warp(x, cfg.freq_warp)
         freq = torch.arange(F, device=dev)[None, :]
         time = torch.arange(T, device=dev)[None, :]
         drop_f = torch.zeros(B, F, dtype=torch.bool, device=dev)
@@ -41,3 +43,16 @@ class SpecAugment(nn.Module):
             drop_t |= (time >= start[:, None]) & (time < (start + width)[:, None])
         keep = ~(drop_f[:, None, :] | drop_t[:, :, None])
         return x * keep.to(x.dtype)
+
+    @staticmethod
+    def warp(x: Tensor, width: float) -> Tensor:
+        """Resample each utterance's mel axis at f * alpha, alpha ~ U[1-width, 1+width] (linear interpolation,
+        edges held): a cheap stand-in for vocal-tract length perturbation, one gather for the whole batch."""
+        B, T, F = x.shape
+        alpha = 1.0 + (torch.rand(B, device=x.device) * 2 - 1) * width
+        pos = (torch.arange(F, device=x.device, dtype=torch.float32)[None, :] * alpha[:, None]).clamp(max=F - 1)
+        lo = pos.floor().long()
+        hi = (lo + 1).clamp(max=F - 1)
+        w = (pos - lo).to(x.dtype)[:, None, :]
+        take = lambda idx: x.gather(2, idx[:, None, :].expand(B, T, F))  # noqa: E731
+        return take(lo) * (1 - w) + take(hi) * w

@@ -63,7 +63,7 @@ class Trainer:
         self.model.set_normalization(*self.shards.stats())
         self.step = self.epoch = self.batch_in_epoch = 0
         self.bad_streak = self.bad_total = 0
-        self.best_wer = math.inf
+        self.best_wer = self.best_loss = math.inf
         self.resume = resume
         self._stop_signal: int | None = None
         self.dali = None
@@ -106,7 +106,7 @@ class Trainer:
         return ckpt.checkpoint_payload(
             self.model, self.cfg, **self.runner.state_dict(), step=self.step, epoch=self.epoch,
             batch_in_epoch=self.batch_in_epoch, bad_streak=self.bad_streak, bad_total=self.bad_total,
-            best_wer=self.best_wer, world_size=self.info.world_size,
+            best_wer=self.best_wer, best_loss=self.best_loss, world_size=self.info.world_size,
             dali=self.dali.checkpoint() if self.dali is not None else None)
 
     def _save_last(self) -> None:
@@ -131,6 +131,7 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.bad_streak, self.bad_total, self.best_wer = state["bad_streak"], state["bad_total"], state["best_wer"]
+        self.best_loss = state.get("best_loss", math.inf)
         if self.dali is not None:
             self.dali = self._dali(state.get("dali"))
         if self.info.is_main:
@@ -280,8 +281,10 @@ class Trainer:
             self.tb.scalars(self.step, {"dev/loss": res["loss"], "dev/wer": res["wer"], "dev/cer": res["cer"]})
             log.info("epoch %d: dev loss %.4f, WER %.2f %%, CER %.2f %%", epoch, res["loss"], 100 * res["wer"],
                      100 * res["cer"])
-            improved = res["wer"] < self.best_wer
-            self.best_wer = min(self.best_wer, res["wer"])
+            # ties in WER are common on small dev sets; the dev loss breaks them (and is smoother)
+            improved = (res["wer"], res["loss"]) < (self.best_wer, self.best_loss)
+            if improved:
+                self.best_wer, self.best_loss = res["wer"], res["loss"]
         else:
             improved = False
         self.epoch, self.batch_in_epoch = epoch + 1, 0

@@ -56,6 +56,7 @@ def test_bench_model_cli(tmp_path: Path) -> None:
 
 
 def test_bench_prep_and_loader_cli(mini_corpus: Path, tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
     code, output = run_cli("bench", "prep", "--corpus-dir", str(mini_corpus), "--subset", "xs", "--out",
                            str(tmp_path), "--max-recordings", "2")
     assert code == 0, output
@@ -70,3 +71,4 @@ def test_bench_prep_and_loader_cli(mini_corpus: Path, tmp_path: Path) -> None:
     names = [r["loader"] for r in loader["rows"]]
     assert names[0] == "lmu-asr shards" and any(n.startswith("seed") for n in names)
     assert loader["ratio_vs_seed"] == pytest.approx(loader["rows"][0]["utt_per_s"] / loader["rows"][1]["utt_per_s"])
+    assert torch.get_num_threads() == threads  # per-core benches must not leak their thread count

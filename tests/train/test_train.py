@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmu_asr.data.shards import ShardSet
 from lmu_asr.train.metrics import read_jsonl
@@ -58,7 +59,10 @@ def test_kill_9_mid_epoch_then_resume(train_shards: Path, tmp_path: Path) -> Non
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "lmu_asr.cli", "train", "--shards", str(train_shards), "--out", str(run), *TINY,
            "--max-steps", str(steps), "--save-every", "3"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # same intra-op thread count as this process (the reference and the resume run here): the reduction order,
+    # and so the last bit of every loss, depends on it
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         if len(read_jsonl(run / "log.jsonl")) >= 10:
@@ -78,7 +82,10 @@ def test_kill_9_mid_epoch_then_resume(train_shards: Path, tmp_path: Path) -> Non
 
 def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the probe is a script, not the package: put this checkout first on its path whatever pip installed
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 

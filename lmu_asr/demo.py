@@ -1,0 +1,267 @@
+"""``lmuasr demo``: the whole system on a corpus a new user does not need to have.
+
+build corpus (GigaSpeech layout) -> ``lmuasr prep`` (lhotse's real recipe) -> ``lmuasr train`` -> ``lmuasr eval``
+on held-out speakers -> ``lmuasr transcribe`` on a few files -> a bench summary -> ``RUN/report.md``.
+
+The corpus is the built-in synthetic one (``lmu_asr.prep.synth``: eSpeak NG voices, held-out voices for DEV and
+TEST) or, with ``--speech-dir``, any folder laid out like ``../shared/data/fsdd`` (``transcripts.tsv`` with
+``utt_id path speaker text``). Test utterances are the speakers named by ``--test-speakers``, or the utterance ids
+matching ``--test-pattern`` (FSDD's documented split is ``'_0[0-4]$'``: recordings 0-4 of every speaker and
+digit), or else a fixed 10 % of utterances. A fixed 5 % of the remaining training utterances is DEV (model
+selection), never the test speakers. Each stage is the same code the CLI runs, and every stage can be re-run
+from the run directory: prep and training resume where they stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from lmu_asr import UserError
+from lmu_asr.prep.minicorpus import SourceUtterance, build_gigaspeech_corpus, read_speech_dir
+from lmu_asr.prep.synth import SynthSpec
+
+log = logging.getLogger(__name__)
+
+
+BUILTIN_EPOCHS = 25  # ~7 minutes of training on a 2-core CPU for the default 1500 synthetic utterances
+
+
+@dataclass
+class DemoOptions:
+    out: Path
+    speech_dir: Path | None = None
+    test_speakers: list[str] = field(default_factory=list)
+    test_pattern: str | None = None
+    mix_synthetic: int = 0
+    preset: str = "cpu-small"
+    epochs: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    utterances: int = 1500  # built-in corpus: training utterances
+    quick: bool = False  # a 1-2 minute version (tests, first look)
+    seed: int = 0
+    jobs: int = 2
+    beam: int = 8
+    progress: bool = True
+
+
+def _fraction(key: str, salt: str) -> float:
+    return zlib.crc32(f"{salt}:{key}".encode()) / 2**32
+
+
+def assign_speech_dir(opts: DemoOptions) -> dict[str, str]:
+    """utt_id -> subset (XS train, DEV, TEST) for a transcripts.tsv folder; one-line errors for bad options."""
+    assert opts.speech_dir is not None
+    rows = read_speech_dir(opts.speech_dir)
+    speakers = sorted({r["speaker"] for r in rows})
+    unknown = [s for s in opts.test_speakers if s not in speakers]
+    if unknown:
+        raise UserError(f"--test-speakers: no speaker {', '.join(unknown)} in {opts.speech_dir} "
+                        f"(speakers: {', '.join(speakers)})")
+    try:
+        pattern = re.compile(opts.test_pattern) if opts.test_pattern else None
+    except re.error as err:
+        raise UserError(f"--test-pattern is not a valid regular expression: {err}") from None
+    out = {}
+    for r in rows:
+        uid = r["utt_id"]
+        if opts.test_speakers:
+            test = r["speaker"] in opts.test_speakers
+        elif pattern is not None:
+            test = bool(pattern.search(uid))
+        else:
+            test = _fraction(uid, "test") < 0.10
+        out[uid] = "TEST" if test else ("DEV" if _fraction(uid, "dev") < 0.05 else "XS")
+    counts = {s: sum(1 for v in out.values() if v == s) for s in ("XS", "DEV", "TEST")}
+    if not counts["TEST"] or not counts["XS"]:
+        raise UserError(f"the split leaves {counts['XS']} training and {counts['TEST']} test utterances; "
+                        "adjust --test-speakers / --test-pattern")
+    return out
+
+
+def speech_dir_corpus(opts: DemoOptions) -> list[SourceUtterance]:
+    from lmu_asr.prep.minicorpus import speech_dir_utterances
+
+    assign = assign_speech_dir(opts)
+    utts = speech_dir_utterances(opts.speech_dir, lambda row: assign[row["utt_id"]])
+    if opts.mix_synthetic:
+        utts += synthetic_mix(opts, [u for u in utts if u.subset == "XS"])
+    return utts
+
+
+def synthetic_mix(opts: DemoOptions, train: list[SourceUtterance]) -> list[SourceUtterance]:
+    """Training transcripts spoken again by many eSpeak voices, band-limited like the real recordings."""
+    from lmu_asr.prep.synth import synthetic_utterances
+
+    rate = sf.info(str(train[0].audio)).samplerate
+    texts = [u.text for u in train]
+    spec = SynthSpec(xs=opts.mix_synthetic, dev=0, test=0, seed=opts.seed + 17,
+                     narrowband_hz=rate if rate < 16_000 else None)
+    return synthetic_utterances(spec, texts=lambda rng: texts[int(rng.integers(len(texts)))])
+
+
+def builtin_corpus(opts: DemoOptions) -> list[SourceUtterance]:
+    from lmu_asr.prep.synth import check_available, synthetic_utterances
+
+    check_available()
+    n = 300 if opts.quick else opts.utterances
+    spec = SynthSpec(xs=n, dev=max(30, n // 15), test=max(40, n // 8), seed=opts.seed)
+    return synthetic_utterances(spec)
+
+
+def _step(name: str, command: str) -> float:
+    print(f"\n== {name}\n   $ {command}", flush=True)
+    return time.perf_counter()
+
+
+def run_demo(opts: DemoOptions) -> dict[str, Any]:
+    from lmu_asr.bench.train import bench_train_config
+    from lmu_asr.config import load_config
+    from lmu_asr.data.shards import ShardSet
+    from lmu_asr.infer import transcribe_files
+    from lmu_asr.prep.pipeline import PrepOptions, run_prep
+    from lmu_asr.train.checkpoint import model_from_checkpoint
+    from lmu_asr.train.evaluate import evaluate
+    from lmu_asr.train.loop import Trainer
+    from lmu_asr.train.metrics import plot_run
+
+    out, t_start = opts.out, time.perf_counter()
+    (out / "corpus").mkdir(parents=True, exist_ok=True)
+    spec_file = out / "demo.json"
+    spec = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k not in ("progress", "jobs")}
+    if spec_file.is_file() and json.loads(spec_file.read_text()) != spec:
+        raise UserError(f"{out} holds a demo run with other options; choose a new --out")
+    spec_file.write_text(json.dumps(spec, indent=1))
+    timings: dict[str, float] = {}
+
+    corpus = out / "corpus"
+    t = _step("build corpus", "(lmu_asr.prep.minicorpus: GigaSpeech.json + audio/*.opus)")
+    if not (corpus / "GigaSpeech.json").is_file():
+        utts = speech_dir_corpus(opts) if opts.speech_dir else builtin_corpus(opts)
+        build_gigaspeech_corpus(utts, corpus, seed=opts.seed)
+        samples = [u for u in utts if u.subset == "TEST"][:3]
+        (out / "samples").mkdir(exist_ok=True)
+        for u in samples:  # a few single-utterance files for transcribe
+            if isinstance(u.audio, np.ndarray):
+                sf.write(out / "samples" / f"{u.utt_id}.wav", u.audio, 16_000)
+            else:
+                shutil.copy(u.audio, out / "samples" / f"{u.utt_id}{Path(u.audio).suffix}")
+        (out / "samples" / "references.tsv").write_text("".join(f"{u.utt_id}\t{u.text}\n" for u in samples))
+    timings["corpus"] = time.perf_counter() - t
+
+    shards = {}
+    for subset, name in (("XS", "train"), ("DEV", "dev"), ("TEST", "test")):
+        shards[name] = out / "shards" / name
+        t = _step(f"prep {name}", f"lmuasr prep --corpus-dir {corpus} --subset {subset.lower()} "
+                                  f"--out {shards[name]} --jobs {opts.jobs}")
+        meta = run_prep(PrepOptions(out=shards[name], corpus_dir=corpus, subset=subset, jobs=opts.jobs,
+                                    shard_frames=200_000, progress=opts.progress))
+        reasons = ", ".join(f"{k} {v}" for k, v in meta["counts"]["rejected_by_reason"].items()) or "none"
+        print(f"   {meta['counts']['utterances']} utterances, {meta['hours']:.2f} h; rejected: {reasons}",
+              flush=True)
+        timings[f"prep_{name}"] = time.perf_counter() - t
+
+    overrides = dict(opts.overrides)
+    if opts.epochs:
+        overrides["train.epochs"] = opts.epochs
+    elif opts.quick:
+        overrides["train.epochs"] = 8
+    elif opts.speech_dir is None:
+        overrides["train.epochs"] = BUILTIN_EPOCHS
+    cfg = load_config(opts.preset, None, overrides)
+    run = out / "run"
+    t = _step("train", f"lmuasr train --shards {shards['train']} --dev-shards {shards['dev']} --out {run} "
+                       f"--preset {opts.preset} --epochs {cfg.train.epochs}")
+    resume = (run / "checkpoints" / "last.pt").is_file()
+    trainer = Trainer(cfg, shards["train"], run, shards["dev"], resume=resume, device="auto",
+                      progress=opts.progress)
+    result = trainer.run()
+    timings["train"] = time.perf_counter() - t
+    best = sorted((run / "checkpoints").glob("checkpoint_epoch_*_best.pt"))
+    ckpt = best[0] if best else run / "checkpoints" / "last.pt"
+
+    t = _step("eval on held-out test", f"lmuasr eval --checkpoint {ckpt} --shards {shards['test']} "
+                                       f"[--beam {opts.beam}]")
+    device = trainer.device
+    model, mcfg = model_from_checkpoint(ckpt, device)
+    test = ShardSet.open(shards["test"])
+    results = {"greedy": evaluate(model, test, mcfg, device, 0, keep_hyps=True),
+               f"beam{opts.beam}": evaluate(model, test, mcfg, device, opts.beam)}
+    (run / "eval_test.json").write_text(json.dumps(results, indent=1))
+    timings["eval"] = time.perf_counter() - t
+
+    samples = sorted(p for p in (out / "samples").iterdir() if p.suffix != ".tsv")
+    t = _step("transcribe", f"lmuasr transcribe --checkpoint {ckpt} {' '.join(str(p) for p in samples)}")
+    refs = dict(line.split("\t", 1) for line in (out / "samples" / "references.tsv").read_text().splitlines())
+    transcripts = [{"file": str(p), "reference": refs.get(p.stem, ""), "hypothesis": text}
+                   for p, text, _ in transcribe_files(model, samples)]
+    for tr in transcripts:
+        print(f"   {tr['file']}\t{tr['hypothesis']}   (ref: {tr['reference']})")
+    timings["transcribe"] = time.perf_counter() - t
+
+    t = _step("bench", f"lmuasr bench train --preset {opts.preset} --batch 32 --frames 400")
+    bench = bench_train_config(mcfg, 16 if opts.quick else 32, 400, device, steps=2, windows=2)
+    timings["bench"] = time.perf_counter() - t
+
+    curves = plot_run(run)
+    summary = {"corpus": str(opts.speech_dir or "built-in synthetic (eSpeak NG)"), "test_speakers":
+               opts.test_speakers, "test_pattern": opts.test_pattern, "preset": opts.preset,
+               "epochs": cfg.train.epochs, "train": result, "checkpoint": str(ckpt),
+               "parameters": model.num_parameters(),
+               "test": {k: {m: v[m] for m in ("wer", "cer", "utterances", "ref_words")} for k, v in results.items()},
+               "transcripts": transcripts,
+               "bench": {"device": str(device), **{k: bench.get(k) for k in (
+                   "batch", "frames", "utt_per_s", "audio_s_per_s", "it_per_s", "max_rss_gb", "max_allocated_gb",
+                   "mfu")}},
+               "seconds": {**timings, "total": time.perf_counter() - t_start}, "curves": str(curves)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "report.md").write_text(report_markdown(summary, results))
+    return summary
+
+
+def report_markdown(s: dict[str, Any], results: dict[str, Any]) -> str:
+    greedy, beam_key = s["test"]["greedy"], next(k for k in s["test"] if k.startswith("beam"))
+    errors = [h for h in results["greedy"].get("hypotheses", []) if h[1] != h[2]][:10]
+    lines = [
+        "# lmu-asr demo report", "",
+        f"Corpus: {s['corpus']}" + (f"; test speakers: {', '.join(s['test_speakers'])}" if s["test_speakers"]
+                                    else f"; test pattern: {s['test_pattern']}" if s["test_pattern"] else ""),
+        f"Model: preset `{s['preset']}`, {s['parameters']:,} parameters, {s['epochs']} epochs "
+        f"({s['train']['step']} steps, {s['seconds']['train']:.0f} s on this CPU).", "",
+        "| test set | WER | CER | utterances |", "|---|---|---|---|",
+        f"| greedy | {100 * greedy['wer']:.2f} % | {100 * greedy['cer']:.2f} % | {greedy['utterances']} |",
+        f"| {beam_key} | {100 * s['test'][beam_key]['wer']:.2f} % | {100 * s['test'][beam_key]['cer']:.2f} % | "
+        f"{s['test'][beam_key]['utterances']} |", "",
+        f"Training throughput (bench, batch {s['bench']['batch']} x {s['bench']['frames']} frames, "
+        f"{s['bench']['device']}): {s['bench']['utt_per_s']:.0f} utt/s, {s['bench']['audio_s_per_s']:.0f} "
+        f"audio-s/s, peak memory {s['bench'].get('max_allocated_gb') or s['bench']['max_rss_gb']:.2f} GB.", "",
+        "![training curves](run/curves.png)", "", "## Sample transcriptions", "",
+        "| file | reference | hypothesis |", "|---|---|---|",
+        *[f"| {Path(t['file']).name} | {t['reference']} | {t['hypothesis']} |" for t in s["transcripts"]], "",
+        "## Some test errors (greedy)", "", "| key | reference | hypothesis |", "|---|---|---|",
+        *[f"| {k} | {r} | {h} |" for k, r, h in errors], "",
+        "## Time (s)", "", "| stage | seconds |", "|---|---|",
+        *[f"| {k} | {v:.1f} |" for k, v in s["seconds"].items()], ""]
+    return "\n".join(lines)
+
+
+def summary_screen(s: dict[str, Any]) -> str:
+    beam_key = next(k for k in s["test"] if k.startswith("beam"))
+    return "\n".join([
+        "", "== lmu-asr demo: done",
+        f"   test WER {100 * s['test']['greedy']['wer']:.2f} % greedy, {100 * s['test'][beam_key]['wer']:.2f} % "
+        f"{beam_key} ({s['test']['greedy']['utterances']} held-out utterances)",
+        f"   training: {s['train']['step']} steps in {s['seconds']['train']:.0f} s; bench "
+        f"{s['bench']['utt_per_s']:.0f} utt/s, {s['bench']['audio_s_per_s']:.0f} audio-s/s on {s['bench']['device']}",
+        f"   model: {s['checkpoint']}", f"   report: {Path(s['curves']).parent.parent / 'report.md'}",
+        f"   total {s['seconds']['total']:.0f} s"])
