@@ -240,6 +240,8 @@ def plot(run: Path, out: Path | None) -> None:
 @click.option("--test-pattern", help="Regex on utt_id selecting test utterances (FSDD's own split: '_0[0-4]$').")
 @click.option("--mix-synthetic", default=0, show_default=True,
               help="Add N training utterances: the training transcripts spoken by eSpeak voices.")
+@click.option("--speed-perturb", default="", metavar="F1,F2",
+              help="Add a copy of every training utterance at each speed factor (e.g. 0.9,1.1).")
 @click.option("--preset", default="cpu-small", show_default=True)
 @click.option("--epochs", type=int, help="Training epochs (default: the preset's).")
 @click.option("--set", "sets", multiple=True, help="Config overrides for training (--set model.dropout=0.2).")
@@ -251,7 +253,7 @@ def plot(run: Path, out: Path | None) -> None:
 @click.option("--progress/--no-progress", default=True)
 @user_errors
 def demo(out: Path, speech_dir: Path | None, test_speakers: str, test_pattern: str | None, mix_synthetic: int,
-         preset: str, epochs: int | None, sets: tuple[str, ...], utterances: int, quick: bool, jobs: int,
+         speed_perturb: str, preset: str, epochs: int | None, sets: tuple[str, ...], utterances: int, quick: bool, jobs: int,
          beam: int, seed: int, progress: bool) -> None:
     """Build a corpus, prep, train, evaluate on held-out speakers, transcribe, bench, and write a report."""
     from lmu_asr.demo import DemoOptions, run_demo, summary_screen
@@ -260,8 +262,14 @@ def demo(out: Path, speech_dir: Path | None, test_speakers: str, test_pattern: s
         raise UserError("give --test-speakers or --test-pattern, not both")
     if (test_speakers or test_pattern or mix_synthetic) and speech_dir is None:
         raise UserError("--test-speakers, --test-pattern and --mix-synthetic need --speech-dir")
+    try:
+        speeds = [float(f) for f in speed_perturb.split(",") if f.strip()]
+    except ValueError:
+        raise UserError(f"--speed-perturb: expected factors like 0.9,1.1, got {speed_perturb!r}") from None
+    if any(not 0.5 <= f <= 2.0 or f == 1.0 for f in speeds):
+        raise UserError("--speed-perturb factors must lie in [0.5, 2] and differ from 1")
     opts = DemoOptions(out=out, speech_dir=speech_dir, test_speakers=[s for s in test_speakers.split(",") if s],
-                       test_pattern=test_pattern, mix_synthetic=mix_synthetic, preset=preset, epochs=epochs,
+                       test_pattern=test_pattern, mix_synthetic=mix_synthetic, speed_perturb=speeds, preset=preset, epochs=epochs,
                        overrides=_overrides(sets), utterances=utterances, quick=quick, jobs=jobs, beam=beam,
                        seed=seed, progress=progress)
     click.echo(summary_screen(run_demo(opts)))

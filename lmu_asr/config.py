@@ -36,6 +36,8 @@ class ModelConfig:
     attn_dropout: float = 0.0  # on attention probabilities: costly on CPU (a (B,H,T,T) mask), off by default
     attention: str = "full"  # full | causal | window (window: attn_left frames of past, none of future)
     attn_left: int = 64
+    input_bins: int = 0  # >0: use only the lowest N mel bins (narrowband audio: ~60 of 80 bins hold 0-4 kHz)
+    utterance_norm: bool = False  # also subtract each utterance's own mean (channel/speaker normalisation)
     blank_bias: float = 3.0  # initial blank logit bias (≈ log 28: blank starts near 50 %); see model/asr.py
     vocab_size: int = 29
 

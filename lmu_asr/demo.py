@@ -44,6 +44,7 @@ class DemoOptions:
     test_speakers: list[str] = field(default_factory=list)
     test_pattern: str | None = None
     mix_synthetic: int = 0
+    speed_perturb: list[float] = field(default_factory=list)  # extra training copies at these speed factors
     preset: str = "cpu-small"
     epochs: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -94,9 +95,27 @@ def speech_dir_corpus(opts: DemoOptions) -> list[SourceUtterance]:
 
     assign = assign_speech_dir(opts)
     utts = speech_dir_utterances(opts.speech_dir, lambda row: assign[row["utt_id"]])
+    train = [u for u in utts if u.subset == "XS"]
+    utts += speed_perturbed(train, opts.speed_perturb)
     if opts.mix_synthetic:
-        utts += synthetic_mix(opts, [u for u in utts if u.subset == "XS"])
+        utts += synthetic_mix(opts, train)
     return utts
+
+
+def speed_perturbed(train: list[SourceUtterance], factors: list[float]) -> list[SourceUtterance]:
+    """Copies of the training utterances played ``f`` times faster (tempo and pitch together, like Kaldi's
+    speed perturbation): each factor is a new, slightly different voice of every speaker."""
+    from lmu_asr.prep.features import SAMPLE_RATE, load_audio, resample
+
+    out = []
+    for f in factors:
+        for u in train:
+            audio = u.audio if isinstance(u.audio, np.ndarray) else load_audio(u.audio)[0]
+            # reading the samples as if recorded at SAMPLE_RATE * f, then resampling to SAMPLE_RATE, plays them
+            # f times faster
+            fast = resample(audio, int(round(SAMPLE_RATE * f)), SAMPLE_RATE)
+            out.append(SourceUtterance(f"{u.utt_id}_sp{f:g}", f"{u.speaker}_sp{f:g}", u.text, u.subset, fast))
+    return out
 
 
 def synthetic_mix(opts: DemoOptions, train: list[SourceUtterance]) -> list[SourceUtterance]:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lmu_asr.demo import speed_perturbed
+from lmu_asr.prep.minicorpus import SourceUtterance
 from lmu_asr.prep.synth import ACCENTS, SynthSpec, render, sentence, synthetic_utterances, voices
 from lmu_asr.text import encode, normalize_transcript
 from tests.helpers import FSDD, run_cli
@@ -44,6 +46,19 @@ def test_synthesis_is_deterministic_and_held_out() -> None:
     assert spectrum[freqs > 4500].mean() < 0.01 * spectrum[(freqs > 300) & (freqs < 3500)].mean()
 
 
+@pytest.mark.parametrize("factor", [0.9, 1.1])
+def test_speed_perturbation_scales_tempo_and_pitch(factor: float) -> None:
+    t = np.arange(32_000) / 16_000
+    utt = SourceUtterance("u1", "spk", "ONE", "XS", np.sin(2 * np.pi * 440 * t).astype(np.float32))
+    (fast,) = speed_perturbed([utt], [factor])
+    assert (fast.utt_id, fast.speaker, fast.text, fast.subset) == (f"u1_sp{factor:g}", f"spk_sp{factor:g}", "ONE",
+                                                                   "XS")
+    assert abs(fast.audio.size - 32_000 / factor) <= 2
+    spectrum = np.abs(np.fft.rfft(fast.audio[1000:-1000]))
+    peak = np.fft.rfftfreq(fast.audio.size - 2000, 1 / 16_000)[spectrum.argmax()]
+    assert peak == pytest.approx(440 * factor, abs=2)
+
+
 def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     code, output = run_cli("demo", "--quick", "--out", str(out), "--no-progress")
@@ -68,6 +83,8 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     (["--speech-dir", str(FSDD), "--test-pattern", "^never$"], "0 test utterances"),
     (["--test-speakers", "theo"], "need --speech-dir"),
     (["--speech-dir", "/nonexistent/dir"], "speech directory not found"),
+    (["--speech-dir", str(FSDD), "--speed-perturb", "fast"], "expected factors like 0.9,1.1"),
+    (["--speech-dir", str(FSDD), "--speed-perturb", "1.0"], "must lie in [0.5, 2] and differ from 1"),
 ])
 def test_demo_user_errors(tmp_path: Path, args: list[str], message: str) -> None:
     if "--speech-dir" in args and str(FSDD) in args and not FSDD.exists():

@@ -49,8 +49,14 @@ class LMUASR(nn.Module):
         """Global mean/variance normalisation; frames past each length are set to exactly 0 (so batch padding and
         single-utterance padding look the same to the causal downsampler)."""
         x = (feats.float() - self.feat_mean) / self.feat_std
-        valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
-        return x * valid[..., None].to(x.dtype)
+        valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None])[..., None].to(x.dtype)
+        if self.cfg.utterance_norm:  # whole-utterance statistic: not for streaming (see stream)
+            x = x - (x * valid).sum(1, keepdim=True) / lengths.clamp(min=1)[:, None, None].to(x.dtype)
+        if self.cfg.input_bins:
+            # bins above the recording's bandwidth hold only codec and resampler noise, which is specific to a
+            # channel, not to speech; zeroing them keeps the model from learning it
+            x = x * (torch.arange(x.shape[2], device=x.device) < self.cfg.input_bins).to(x.dtype)
+        return x * valid
 
     def forward(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         x = self.normalize(feats, lengths)
@@ -62,6 +68,8 @@ class LMUASR(nn.Module):
     @torch.no_grad()
     def stream(self, feats: Tensor, state, final: bool = False) -> Tensor:  # noqa: ANN001 (StreamState)
         """Streaming logits for the next chunk of features (see Encoder.stream)."""
+        if self.cfg.utterance_norm:
+            raise ValueError("streaming needs model.utterance_norm=false (it normalises by the whole utterance)")
         n = torch.full((feats.shape[0],), feats.shape[1], device=feats.device)
         h = self.encoder.stream(self.normalize(feats, n), state, final=final)
         return self.head(h)

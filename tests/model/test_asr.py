@@ -42,6 +42,26 @@ def test_output_lengths_and_padding_invariance(attention: str) -> None:
         torch.testing.assert_close(logits[i, : n_out[0]], alone[0], rtol=1e-4, atol=1e-4)
 
 
+def test_input_bins_and_utterance_norm() -> None:
+    torch.manual_seed(1)
+    model = LMUASR(ModelConfig(**{**TINY.__dict__, "input_bins": 60, "utterance_norm": True})).eval()
+    model.set_normalization(torch.randn(80), torch.rand(80) + 0.5)
+    feats = [torch.randn(23, 80), torch.randn(11, 80)]
+    x, lens = padded_batch(feats, pad_value=3.0)
+    logits, out_lens = model(x, lens)
+    changed = [f.clone() for f in feats]
+    for f in changed:
+        f[:, 60:] = torch.randn(f.shape[0], 20) * 100  # out-of-band bins: ignored
+        f += torch.randn(80)  # a constant per-utterance offset (a channel): removed by the utterance mean
+    y, _ = padded_batch(changed, pad_value=-9.0)
+    torch.testing.assert_close(model(y, lens)[0], logits, rtol=1e-4, atol=1e-4)
+    for i, f in enumerate(feats):  # still independent of the batch and its padding
+        alone, n = model(f[None], torch.tensor([f.shape[0]]))
+        torch.testing.assert_close(logits[i, : n[0]], alone[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="utterance_norm"):
+        model.stream(feats[0][None], None)
+
+
 def reference_ctc(logits: torch.Tensor, out_lens: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
     """Each utterance on its own, unpadded, through F.ctc_loss; then the mean of loss/target_length."""
     losses = []
