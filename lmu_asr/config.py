@@ -115,6 +115,13 @@ class Config:
         return yaml.safe_dump(json.loads(json.dumps(self.to_dict())), sort_keys=False)
 
 
+# What the CPU presets share: small heads and memory channels, one loader worker, short buckets, fp32.
+_CPU: dict[str, Any] = {
+    "model.n_blocks": 3, "model.n_heads": 4, "model.lmu_memory_dim": 4, "model.dropout": 0.1,
+    "data.num_workers": 1, "data.buckets": [64, 96, 128, 192, 256, 384, 512, 800, 1200, 1600, 2048, 3000],
+    "data.shuffle_buffer": 500, "data.pin_memory": False, "train.precision": "fp32",
+}
+
 # Presets are override dicts applied on top of the dataclass defaults; all are reachable with --preset NAME.
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference project's three training presets and the configurations of its published table.
@@ -130,22 +137,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast-h100": {"data.batch_frames": 600_000, "data.max_frames": 3000, "data.num_workers": 8},
     # Small model for the demo and the real-speech accuracy checks on a 2-core CPU (minutes, not hours).
     "cpu-small": {
-        "model.d_model": 144, "model.n_blocks": 3, "model.n_heads": 4, "model.lmu_order": 64,
-        "model.lmu_theta": 100.0, "model.lmu_hidden": 144, "model.lmu_memory_dim": 4, "model.dropout": 0.1,
-        "data.batch_frames": 3000, "data.num_workers": 1, "data.buckets": [64, 96, 128, 192, 256, 384, 512, 800,
-                                                                            1200, 1600, 2048, 3000],
-        "data.shuffle_buffer": 500, "data.pin_memory": False,
-        "optim.lr": 2e-3, "optim.warmup_steps": 100, "train.precision": "fp32", "train.epochs": 40,
+        **_CPU, "model.d_model": 144, "model.lmu_order": 64, "model.lmu_theta": 100.0, "model.lmu_hidden": 144,
+        "data.batch_frames": 3000, "optim.lr": 2e-3, "optim.warmup_steps": 100, "train.epochs": 40,
         "train.save_every": 200,
     },
-    # Tiny model for tests, demos and 2-core CPUs.
+    # Tiny model for tests.
     "cpu-tiny": {
-        "model.d_model": 96, "model.n_blocks": 2, "model.n_heads": 4, "model.lmu_order": 32,
-        "model.lmu_theta": 60.0, "model.lmu_hidden": 96, "model.lmu_memory_dim": 4, "model.dropout": 0.1,
-        "data.batch_frames": 12_000, "data.num_workers": 1, "data.buckets": [64, 96, 128, 192, 256, 384, 512, 800,
-                                                                             1200, 1600, 2048, 3000],
-        "data.shuffle_buffer": 500, "data.pin_memory": False,
-        "optim.lr": 3e-3, "optim.warmup_steps": 50, "train.precision": "fp32",
+        **_CPU, "model.d_model": 96, "model.n_blocks": 2, "model.lmu_order": 32, "model.lmu_theta": 60.0,
+        "model.lmu_hidden": 96, "data.batch_frames": 12_000, "optim.lr": 3e-3, "optim.warmup_steps": 50,
         "train.epochs": 10, "train.save_every": 100,
     },
 }
