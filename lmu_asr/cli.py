@@ -387,8 +387,8 @@ def bench_loader_cmd(corpus_dir: Path | None, subset: str, speech_dir: Path | No
     if corpus_dir is None:
         if speech_dir is None:
             raise UserError("give --corpus-dir (GigaSpeech layout) or --speech-dir (transcripts.tsv folder)")
-        corpus_dir = build_bench_corpus(speech_dir, out / "prep_corpus")
-    shards = out / "loader_shards"
+        corpus_dir = build_bench_corpus(speech_dir, out / "work" / "prep_corpus")
+    shards = out / "work" / "loader_shards"
     run_prep(PrepOptions(out=shards, corpus_dir=corpus_dir, subset=subset, progress=False))
     data = bench_loader(corpus_dir, subset, shards, out)
     for r in data["rows"]:
@@ -414,7 +414,7 @@ def bench_prep_cmd(corpus_dir: Path | None, subset: str, speech_dir: Path | None
     if corpus_dir is None:
         if speech_dir is None:
             raise UserError("give --corpus-dir (GigaSpeech layout) or --speech-dir (transcripts.tsv folder)")
-        corpus_dir = build_bench_corpus(speech_dir, out / "prep_corpus")
+        corpus_dir = build_bench_corpus(speech_dir, out / "work" / "prep_corpus")
     with torch_threads(1):
         data = bench_prep(corpus_dir, subset, out, max_recordings)
     for row in data["approaches"]:

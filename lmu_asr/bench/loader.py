@@ -145,7 +145,7 @@ def _bench_loader(corpus_dir: Path, subset: str, shards_dir: Path, out_dir: Path
         keep_overlapping=False)
     keep = set(shards.keys)
     cuts = CutSet.from_cuts(c for c in cuts if c.supervisions[0].id in keep).to_eager()
-    lhotse_row = run_lhotse(cuts, out_dir / "lhotse_features")
+    lhotse_row = run_lhotse(cuts, out_dir / "work" / "lhotse_features")
     rows = [ours, seed, lhotse_row]
     dali = run_dali(shards, cfg)
     if dali:

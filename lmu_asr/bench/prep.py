@@ -123,7 +123,7 @@ def build_bench_corpus(speech_dir: Path, out: Path, seed: int = 0) -> Path:
 def bench_prep(corpus_dir: Path, subset: str, out_dir: Path, max_recordings: int = 4) -> dict[str, Any]:
     from lmu_asr.prep.corpus import load_gigaspeech
 
-    cuts, _, _, _ = load_gigaspeech(corpus_dir, subset.upper(), out_dir / "manifests", 1)
+    cuts, _, _, _ = load_gigaspeech(corpus_dir, subset.upper(), out_dir / "work" / "manifests", 1)
     jobs, _ = recordings_from_cuts(cuts)
     jobs = sorted(jobs, key=lambda j: j.recording_id)[:max_recordings]
     keep = {j.recording_id for j in jobs}

@@ -68,8 +68,6 @@ class LMUASR(nn.Module):
     @torch.no_grad()
     def stream(self, feats: Tensor, state, final: bool = False) -> Tensor:  # noqa: ANN001 (StreamState)
         """Streaming logits for the next chunk of features (see Encoder.stream)."""
-        if self.cfg.utterance_norm:
-            raise ValueError("streaming needs model.utterance_norm=false (it normalises by the whole utterance)")
         n = torch.full((feats.shape[0],), feats.shape[1], device=feats.device)
         h = self.encoder.stream(self.normalize(feats, n), state, final=final)
         return self.head(h)
