@@ -37,7 +37,8 @@ class ModelConfig:
     attention: str = "full"  # full | causal | window (window: attn_left frames of past, none of future)
     attn_left: int = 64
     input_bins: int = 0  # >0: use only the lowest N mel bins (narrowband audio: ~60 of 80 bins hold 0-4 kHz)
-    utterance_norm: bool = False  # also subtract each utterance's own mean (channel/speaker normalisation)
+    # also normalise by each utterance's own statistics (channel/speaker normalisation): none | mean | meanvar
+    utterance_norm: str = "none"
     blank_bias: float = 3.0  # initial blank logit bias (≈ log 28: blank starts near 50 %); see model/asr.py
     vocab_size: int = 29
 
@@ -259,6 +260,8 @@ def validate(cfg: Config) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     if m.d_model % m.n_heads:
         raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    if m.utterance_norm not in ("none", "mean", "meanvar"):
+        raise ValueError(f"model.utterance_norm must be none, mean or meanvar, not {m.utterance_norm!r}")
     if m.attention not in ("full", "causal", "window"):
         raise ValueError(f"model.attention must be full, causal or window, not {m.attention!r}")
     if m.lmu_mode not in ("auto", "fft", "chunk", "memory"):

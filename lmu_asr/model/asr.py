@@ -50,8 +50,12 @@ class LMUASR(nn.Module):
         single-utterance padding look the same to the causal downsampler)."""
         x = (feats.float() - self.feat_mean) / self.feat_std
         valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None])[..., None].to(x.dtype)
-        if self.cfg.utterance_norm:  # whole-utterance statistic: not for streaming (see stream)
-            x = x - (x * valid).sum(1, keepdim=True) / lengths.clamp(min=1)[:, None, None].to(x.dtype)
+        if self.cfg.utterance_norm != "none":  # whole-utterance statistics: not for streaming
+            n = lengths.clamp(min=1)[:, None, None].to(x.dtype)
+            x = x - (x * valid).sum(1, keepdim=True) / n
+            if self.cfg.utterance_norm == "meanvar":
+                # floor: a bin that is near-constant in this utterance is not blown up to unit variance
+                x = x * torch.rsqrt(((x * x * valid).sum(1, keepdim=True) / n).clamp(min=0.1))
         if self.cfg.input_bins:
             # bins above the recording's bandwidth hold only codec and resampler noise, which is specific to a
             # channel, not to speech; zeroing them keeps the model from learning it

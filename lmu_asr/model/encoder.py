@@ -149,9 +149,9 @@ class Encoder(nn.Module):
         if self.cfg.attention == "full":
             raise ValueError("this model uses full-context attention, which cannot stream exactly; train with "
                              "model.attention=causal or window for streaming")
-        if self.cfg.utterance_norm:
-            raise ValueError("this model normalises by whole-utterance means (model.utterance_norm), which cannot "
-                             "stream; train with model.utterance_norm=false for streaming")
+        if self.cfg.utterance_norm != "none":
+            raise ValueError("this model normalises by whole-utterance statistics (model.utterance_norm), which "
+                             "cannot stream; train with model.utterance_norm=none for streaming")
         n = len(self.blocks)
         return StreamState(lmu=[None] * n, keys=[None] * n, values=[None] * n)
 

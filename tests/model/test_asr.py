@@ -44,7 +44,7 @@ def test_output_lengths_and_padding_invariance(attention: str) -> None:
 
 def test_input_bins_and_utterance_norm() -> None:
     torch.manual_seed(1)
-    model = LMUASR(ModelConfig(**{**TINY.__dict__, "input_bins": 60, "utterance_norm": True,
+    model = LMUASR(ModelConfig(**{**TINY.__dict__, "input_bins": 60, "utterance_norm": "meanvar",
                                   "attention": "causal"})).eval()
     model.set_normalization(torch.randn(80), torch.rand(80) + 0.5)
     feats = [torch.randn(23, 80), torch.randn(11, 80)]
@@ -54,6 +54,7 @@ def test_input_bins_and_utterance_norm() -> None:
     for f in changed:
         f[:, 60:] = torch.randn(f.shape[0], 20) * 100  # out-of-band bins: ignored
         f += torch.randn(80)  # a constant per-utterance offset (a channel): removed by the utterance mean
+        f[:, :60] = (f[:, :60] - f[:, :60].mean(0)) * 2.5 + f[:, :60].mean(0)  # a gain: removed by the variance
     y, _ = padded_batch(changed, pad_value=-9.0)
     torch.testing.assert_close(model(y, lens)[0], logits, rtol=1e-4, atol=1e-4)
     for i, f in enumerate(feats):  # still independent of the batch and its padding
