@@ -162,16 +162,11 @@ def _bench_loader(corpus_dir: Path, subset: str, shards_dir: Path, out_dir: Path
                                     ("audio_s_per_s", "audio-s/s per worker"),
                                     ("ours_is_x_faster", "ours is x faster")]))
 
-    def plot(path: Path) -> None:
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 3))
+    def plot(fig: Any) -> None:
+        ax = fig.subplots()
         ax.barh([r["loader"][:45] for r in rows][::-1], [r["utt_per_s"] for r in rows][::-1], color="tab:purple")
         ax.set(xscale="log", xlabel="utterances / s, one worker", title="Loader throughput (same utterances)")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
 
     data["files"] = [str(p) for p in write_report(out_dir, "loader", "Loader throughput per worker", data, body,
-                                                  plot)]
+                                                  plot, figsize=(8, 3))]
     return data

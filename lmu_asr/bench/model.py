@@ -73,10 +73,8 @@ def bench_model(out_dir: Path, lengths: list[int], batch: int = 16, device: torc
             f"{cfg.lmu_order}, memory channels {C}; medians of {repeats} (recurrence at >= 1000 frames: 1 run).\n\n"
             + markdown_table(rows, cols))
 
-    def plot(path: Path) -> None:
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    def plot(fig: Any) -> None:
+        ax = fig.subplots(1, 2)
         for key in [f"parallel ({m})" for m in LMULayer.MODES] + ["recurrence", "lstm"]:
             pts = [(r["frames"], r[key]) for r in rows if key in r]
             ax[0].plot(*zip(*pts, strict=True), "o-", label=key)
@@ -88,10 +86,7 @@ def bench_model(out_dir: Path, lengths: list[int], batch: int = 16, device: torc
         ax[1].set(xscale="log", yscale="log", xlabel="frames", ylabel="speed-up of the best parallel form",
                   title=str(data["env"]["device"])[:60])
         ax[1].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
 
     data["files"] = [str(p) for p in write_report(out_dir, "model", "LMU parallel forms vs recurrence vs LSTM",
-                                                  data, body, plot)]
+                                                  data, body, plot, figsize=(11, 3.8))]
     return data

@@ -166,17 +166,13 @@ def bench_prep(corpus_dir: Path, subset: str, out_dir: Path, max_recordings: int
             + markdown_table(zstd, [("encoding", "encoding"), ("ratio", "size vs npy"),
                                     ("decode_utt_per_s", "decode utt/s"), ("decode_mb_per_s", "decode MB/s")]))
 
-    def plot(path: Path) -> None:
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3))
+    def plot(fig: Any) -> None:
+        ax = fig.subplots()
         ax.barh([r["approach"] for r in rows][::-1], [r["audio_s_per_s"] for r in rows][::-1], color="tab:blue")
         ax.set_xlabel("audio seconds per second, one core")
         ax.set_xscale("log")
         ax.set_title("Feature prep throughput (same segments)")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
 
-    data["files"] = [str(p) for p in write_report(out_dir, "prep", "Prep throughput", data, body, plot)]
+    data["files"] = [str(p) for p in write_report(out_dir, "prep", "Prep throughput", data, body, plot,
+                                                  figsize=(7, 3))]
     return data

@@ -124,8 +124,12 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
 
 
 def write_report(out_dir: str | Path, name: str, title: str, data: dict[str, Any], markdown_body: str,
-                 plot: Callable[[Path], None] | None = None) -> list[Path]:
-    """Write NAME.json, NAME.md and (when matplotlib is installed) NAME.png; returns the paths written."""
+                 plot: Callable[[Any], None] | None = None, figsize: tuple[float, float] = (7, 3.5)) -> list[Path]:
+    """Write NAME.json, NAME.md and (when matplotlib is installed) NAME.png; returns the paths written.
+
+    ``plot(fig)`` draws on a fresh matplotlib Figure; laying it out and saving it happen here, once for all
+    benches (a bare Figure, not pyplot, so no global figure state is left behind).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -140,12 +144,13 @@ def write_report(out_dir: str | Path, name: str, title: str, data: dict[str, Any
     written.append(path)
     if plot is not None:
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
+            from matplotlib.figure import Figure
         except ImportError:
             return written
+        fig = Figure(figsize=figsize)
+        plot(fig)
+        fig.tight_layout()
         path = out / f"{name}.png"
-        plot(path)
+        fig.savefig(path, dpi=120)
         written.append(path)
     return written

@@ -189,10 +189,8 @@ def bench_train(cfg: Config, out_dir: Path, device: torch.device, configs: list[
                                           ("ours_it_s", "ours it/s"), ("ours_utt_s", "ours utt/s"),
                                           ("ours_mem_gb", "ours GB"), ("speedup_utt", "x utt/s")]) + note)
 
-    def plot(path: Path) -> None:
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3.5))
+    def plot(fig: Any) -> None:
+        ax = fig.subplots()
         labels = [f"b{r['batch']}x{r['frames']}" for r in rows]
         ax.bar(labels, [r["utt_per_s"] for r in rows], color="tab:green", label="ours")
         for ref in SEED_REFERENCE:
@@ -201,9 +199,6 @@ def bench_train(cfg: Config, out_dir: Path, device: torch.device, configs: list[
         ax.set_ylabel("utterances / s")
         ax.set_yscale("log")
         ax.set_title(str(data["env"]["device"])[:70], fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
 
     data["files"] = [str(p) for p in write_report(out_dir, name, "Training step throughput", data, body, plot)]
     return data
@@ -230,19 +225,14 @@ def bench_scale(cfg: Config, out_dir: Path, device: torch.device, frames: int, b
             + (f"Out of memory at batch {ceiling}." if ceiling else "No out-of-memory in the sweep.") + "\n\n"
             + markdown_table(rows, COLUMNS + [(mem_key, "peak memory GB")]))
 
-    def plot(path: Path) -> None:
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3.5))
+    def plot(fig: Any) -> None:
+        ax = fig.subplots()
         ax.plot([r["batch"] for r in rows], [r["utt_per_s"] for r in rows], "o-", color="tab:green")
         ax.set(xscale="log", xlabel="batch (utterances)", ylabel="utt/s")
         ax2 = ax.twinx()
         ax2.plot([r["batch"] for r in rows], [r[mem_key] for r in rows], "s--", color="tab:red")
         ax2.set_ylabel("peak memory (GB)", color="tab:red")
         ax.axvline(knee, color="gray", lw=0.8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
 
     data["files"] = [str(p) for p in write_report(out_dir, "scale", "Throughput against batch size", data, body,
                                                   plot)]
