@@ -28,7 +28,8 @@ import numpy as np
 import soundfile as sf
 
 from lmu_asr import UserError
-from lmu_asr.prep.minicorpus import SourceUtterance, build_gigaspeech_corpus, read_speech_dir
+from lmu_asr.prep.features import SAMPLE_RATE, resample
+from lmu_asr.prep.minicorpus import SourceUtterance, build_gigaspeech_corpus, read_speech_dir, samples_of
 from lmu_asr.prep.synth import SynthSpec
 
 log = logging.getLogger(__name__)
@@ -105,12 +106,12 @@ def speech_dir_corpus(opts: DemoOptions) -> list[SourceUtterance]:
 def speed_perturbed(train: list[SourceUtterance], factors: list[float]) -> list[SourceUtterance]:
     """Copies of the training utterances played ``f`` times faster (tempo and pitch together, like Kaldi's
     speed perturbation): each factor is a new, slightly different voice of every speaker."""
-    from lmu_asr.prep.features import SAMPLE_RATE, load_audio, resample
-
+    if not factors:
+        return []
     out = []
-    for f in factors:
-        for u in train:
-            audio = u.audio if isinstance(u.audio, np.ndarray) else load_audio(u.audio)[0]
+    for u in train:
+        audio = samples_of(u)  # decoded once for all factors
+        for f in factors:
             # reading the samples as if recorded at SAMPLE_RATE * f, then resampling to SAMPLE_RATE, plays them
             # f times faster
             fast = resample(audio, int(round(SAMPLE_RATE * f)), SAMPLE_RATE)
@@ -125,7 +126,7 @@ def synthetic_mix(opts: DemoOptions, train: list[SourceUtterance]) -> list[Sourc
     rate = sf.info(str(train[0].audio)).samplerate
     texts = [u.text for u in train]
     spec = SynthSpec(xs=opts.mix_synthetic, dev=0, test=0, seed=opts.seed + 17,
-                     narrowband_hz=rate if rate < 16_000 else None)
+                     narrowband_hz=rate if rate < SAMPLE_RATE else None)
     return synthetic_utterances(spec, texts=lambda rng: texts[int(rng.integers(len(texts)))])
 
 
@@ -172,7 +173,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         (out / "samples").mkdir(exist_ok=True)
         for u in samples:  # a few single-utterance files for transcribe
             if isinstance(u.audio, np.ndarray):
-                sf.write(out / "samples" / f"{u.utt_id}.wav", u.audio, 16_000)
+                sf.write(out / "samples" / f"{u.utt_id}.wav", u.audio, SAMPLE_RATE)
             else:
                 shutil.copy(u.audio, out / "samples" / f"{u.utt_id}{Path(u.audio).suffix}")
         (out / "samples" / "references.tsv").write_text("".join(f"{u.utt_id}\t{u.text}\n" for u in samples))

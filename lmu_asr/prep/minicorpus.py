@@ -90,7 +90,8 @@ def speech_dir_utterances(speech_dir: str | Path, assign: Callable[[dict[str, st
     return out
 
 
-def _samples(utt: SourceUtterance) -> np.ndarray:
+def samples_of(utt: SourceUtterance) -> np.ndarray:
+    """The utterance's 16 kHz float32 samples, whether it holds them or a path to any audio file."""
     if isinstance(utt.audio, np.ndarray):
         return utt.audio.astype(np.float32, copy=False)
     return load_audio(utt.audio)[0]
@@ -148,7 +149,7 @@ def build_gigaspeech_corpus(utterances: Iterable[SourceUtterance], out_dir: str 
                     pieces.append(gap)
                     t += len(gap) / SAMPLE_RATE
                     counts["garbage_segments"] += 1
-                x = _samples(utt)
+                x = samples_of(utt)
                 x = np.concatenate([x, np.zeros((-len(x)) % (SAMPLE_RATE // 100), np.float32)])
                 text = utt.text.upper()
                 if punctuate and k % 3 == 2:
