@@ -1,7 +1,7 @@
 """Every command in README.md must be valid: a README snippet that does not run is a bug.
 
-The two set-up commands are what CI runs (`.ci/run` executes the test command; the quickstart's `lmuasr demo` is
-run at small scale by tests/test_demo.py). Every other ``lmuasr``, ``torchrun``, ``sbatch`` or ``cluster/``
+The two set-up commands are what CI runs (`.ci/run` executes the test command, then `.ci/quickstart.sh` runs the
+quickstart's install verbatim in a fresh virtualenv and `lmuasr demo --quick` in it). Every other ``lmuasr``, ``torchrun``, ``sbatch`` or ``cluster/``
 command is parsed here by the real click parser (each subcommand, each option and its type), and the scripts it
 names must exist. Running them at full scale needs a corpus and a cluster; the same commands are run on small
 data by the CLI tests (prep on a miniature GigaSpeech, train/resume/torchrun, eval, transcribe, bench, demo).
@@ -73,6 +73,8 @@ COMMANDS = bash_commands()
 def test_readme_has_the_two_setup_commands_and_many_others() -> None:
     setup = [c for c in COMMANDS if "pip install" in c]
     assert len(setup) == 2 and "lmuasr demo" in setup[0] and "pytest" in setup[1]
+    # .ci/quickstart.sh runs everything before "&& lmuasr demo" verbatim in a fresh venv: that split must exist
+    assert "&& lmuasr demo" in setup[0] and "[" not in setup[0].split("&& lmuasr demo")[0].split("pip install")[-1]
     assert len(COMMANDS) > 20
 
 
