@@ -19,6 +19,8 @@ import click
 from lmu_asr import UserError, __version__
 
 EXIT_USER_ERROR = 2
+POS = click.IntRange(min=1)  # click names the valid range in its message and exits 2
+NONNEG = click.IntRange(min=0)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -28,11 +30,17 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (UserError, ValueError, FileNotFoundError, NotADirectoryError) as err:
+        except (UserError, ValueError, OSError) as err:
             ctx = click.get_current_context(silent=True)
             if ctx is not None and ctx.find_root().obj and ctx.find_root().obj.get("debug"):
                 raise
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if isinstance(err, OSError) and not isinstance(err, UserError):
+                # permission denied, disk full, file too large, read-only filesystem...: what failed, and where
+                from lmu_asr.fileio import os_error_message
+
+                msg = os_error_message(err)
+            else:
+                msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             click.echo(f"error: {msg}", err=True)
             sys.exit(EXIT_USER_ERROR)
 
@@ -56,12 +64,12 @@ def main(ctx: click.Context, log_level: str, show_traceback: bool) -> None:
 @click.option("--subset", help="GigaSpeech subset: xs, s, m, l, xl, dev or test (any case).")
 @click.option("--cuts", type=click.Path(path_type=Path), help="Any lhotse CutSet manifest instead of GigaSpeech.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory for the shards.")
-@click.option("--jobs", default=1, show_default=True, help="Worker processes (one recording each at a time).")
-@click.option("--shard-frames", default=6_250_000, show_default=True,
+@click.option("--jobs", default=1, show_default=True, type=POS, help="Worker processes (one recording each at a time).")
+@click.option("--shard-frames", default=6_250_000, show_default=True, type=click.IntRange(min=1000),
               help="Frames per shard (6.25M frames = 1 GB of float16 fbank, ~17 h of audio).")
-@click.option("--shuffle-group", default=4, show_default=True,
+@click.option("--shuffle-group", default=4, show_default=True, type=POS,
               help="Shards shuffled together (memory: this many shards' features at a time).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the shuffle across shards.")
+@click.option("--seed", default=0, show_default=True, type=NONNEG, help="Seed of the shuffle across shards.")
 @click.option("--compress", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
               help="Compress the fbank members with zstd (see README for the measured trade-off).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
@@ -79,6 +87,17 @@ def prep(corpus_dir: Path | None, subset: str | None, cuts: Path | None, out: Pa
     meta["out"] = str(out)
     for line in summary_lines(meta):
         click.echo(line)
+
+
+def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
+    """``"100,300,1000"`` -> [100, 300, 1000], or a one-line error naming the flag and the valid range."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < minimum:
+        raise UserError(f"{flag}: every value must be an integer >= {minimum}, got {text!r}")
+    return values
 
 
 def _overrides(pairs: tuple[str, ...], **flags: object) -> dict[str, object]:
@@ -100,19 +119,19 @@ def _overrides(pairs: tuple[str, ...], **flags: object) -> dict[str, object]:
 @click.option("--preset", default=None, help="Configuration preset (see config.py); default: 'default'.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML file of config overrides.")
 @click.option("--set", "sets", multiple=True, help="Override any field: --set model.dropout=0.2 (repeatable).")
-@click.option("--epochs", type=int)
-@click.option("--max-steps", type=int, help="Stop after this many optimiser steps in total.")
-@click.option("--save-every", type=int, help="Write checkpoints/last.pt every N steps.")
-@click.option("--batch-size", type=int, help="Fixed utterances per batch (the seed's mode).")
-@click.option("--batch-frames", type=int, help="Frame budget per batch (dynamic batch size).")
-@click.option("--max-frames", type=int, help="Skip (and count) longer utterances.")
-@click.option("--lr", type=float)
+@click.option("--epochs", type=POS)
+@click.option("--max-steps", type=POS, help="Stop after this many optimiser steps in total.")
+@click.option("--save-every", type=NONNEG, help="Write checkpoints/last.pt every N steps (0: only at the end).")
+@click.option("--batch-size", type=POS, help="Fixed utterances per batch (the seed's mode).")
+@click.option("--batch-frames", type=POS, help="Frame budget per batch (dynamic batch size).")
+@click.option("--max-frames", type=POS, help="Skip (and count) longer utterances.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True))
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]))
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the train step (default: on for CUDA, off on CPU where eager is faster).")
 @click.option("--loader", type=click.Choice(["wds", "dali"]))
-@click.option("--workers", type=int, help="DataLoader worker processes.")
-@click.option("--seed", type=int)
+@click.option("--workers", type=NONNEG, help="DataLoader worker processes.")
+@click.option("--seed", type=NONNEG)
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt exactly.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config, the data found and the model size.")
@@ -157,15 +176,19 @@ def train(shards: Path, dev_shards: Path | None, out: Path, preset: str | None, 
     click.echo(f"{result['reason']}: step {result['step']}, epoch {result['epoch']}, "
                f"{result['seconds']:.0f} s" + (f", best dev WER {100 * result['best_wer']:.2f} %"
                                                 if result["best_wer"] != float("inf") else "")
+               + (f" ({result['dev_unreadable']} dev utterance(s) unreadable, not scored)"
+                  if result["dev_unreadable"] else "")
                + (f", {result['non_finite_steps']} non-finite step(s) skipped" if result["non_finite_steps"]
-                  else ""))
+                  else "")
+               + (f", {result['damaged_samples']} damaged sample(s) skipped (see {out / 'damaged.jsonl'})"
+                  if result["damaged_samples"] else ""))
     click.echo(f"checkpoints: {out / 'checkpoints'}")
 
 
 @main.command("eval")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
 @click.option("--shards", required=True, type=click.Path(path_type=Path))
-@click.option("--beam", default=0, show_default=True, help="Prefix beam width (0: greedy).")
+@click.option("--beam", default=0, show_default=True, type=NONNEG, help="Prefix beam width (0: greedy).")
 @click.option("--report", type=click.Path(path_type=Path), help="JSON report path (default: beside the checkpoint).")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @user_errors
@@ -176,6 +199,7 @@ def eval_cmd(checkpoint: Path, shards: Path, beam: int, report: Path | None, dev
     import torch
 
     from lmu_asr.data.shards import ShardSet
+    from lmu_asr.fileio import atomic_write as atomic_write_text
     from lmu_asr.train.checkpoint import model_from_checkpoint
     from lmu_asr.train.evaluate import evaluate
 
@@ -183,18 +207,24 @@ def eval_cmd(checkpoint: Path, shards: Path, beam: int, report: Path | None, dev
     model, cfg = model_from_checkpoint(checkpoint, dev)
     res = evaluate(model, ShardSet.open(shards), cfg, dev, beam=beam, keep_hyps=True)
     report = report or checkpoint.parent / f"eval_{shards.resolve().name}_{'beam' + str(beam) if beam > 1 else 'greedy'}.json"
-    report.write_text(json.dumps({"checkpoint": str(checkpoint), "shards": str(shards), **res}, indent=1))
+    atomic_write_text(report, json.dumps({"checkpoint": str(checkpoint), "shards": str(shards), **res}, indent=1))
     click.echo(f"WER {100 * res['wer']:.2f} %  CER {100 * res['cer']:.2f} %  ({res['utterances']} utterances, "
                f"{res['ref_words']} words, {'beam ' + str(beam) if beam > 1 else 'greedy'})")
     click.echo(f"report: {report}")
+    lost = res["damaged"]
+    if lost["count"]:  # a score over part of the set: said, and not a success
+        click.echo(f"error: {lost['count']} of {res['index_utterances']} utterances could not be read and are not "
+                   f"scored ({', '.join(f'{k} {v}' for k, v in lost['by_reason'].items())}; keys in the report)",
+                   err=True)
+        sys.exit(1)
 
 
 @main.command()
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--beam", default=0, show_default=True, help="Prefix beam width (0: greedy).")
+@click.option("--beam", default=0, show_default=True, type=NONNEG, help="Prefix beam width (0: greedy).")
 @click.option("--streaming", is_flag=True, help="Decode chunk by chunk with the LMU step form (causal models).")
-@click.option("--chunk-frames", default=32, show_default=True, help="Frames per streaming chunk (10 ms each).")
+@click.option("--chunk-frames", default=32, show_default=True, type=POS, help="Frames per streaming chunk (10 ms each).")
 @click.option("--device", default="cpu", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @user_errors
 def transcribe(checkpoint: Path, files: tuple[Path, ...], beam: int, streaming: bool, chunk_frames: int,
@@ -238,18 +268,18 @@ def plot(run: Path, out: Path | None) -> None:
               help="Use a transcripts.tsv folder (utt_id path speaker text) instead of the built-in corpus.")
 @click.option("--test-speakers", default="", help="Comma-separated speakers held out for testing.")
 @click.option("--test-pattern", help="Regex on utt_id selecting test utterances (FSDD's own split: '_0[0-4]$').")
-@click.option("--mix-synthetic", default=0, show_default=True,
+@click.option("--mix-synthetic", default=0, show_default=True, type=NONNEG,
               help="Add N training utterances: the training transcripts spoken by eSpeak voices.")
 @click.option("--speed-perturb", default="", metavar="F1,F2",
               help="Add a copy of every training utterance at each speed factor (e.g. 0.9,1.1).")
 @click.option("--preset", default="cpu-small", show_default=True)
-@click.option("--epochs", type=int, help="Training epochs (default: the preset's).")
+@click.option("--epochs", type=POS, help="Training epochs (default: the preset's).")
 @click.option("--set", "sets", multiple=True, help="Config overrides for training (--set model.dropout=0.2).")
-@click.option("--utterances", default=1500, show_default=True, help="Built-in corpus: training utterances.")
+@click.option("--utterances", default=1500, show_default=True, type=click.IntRange(min=10), help="Built-in corpus: training utterances.")
 @click.option("--quick", is_flag=True, help="A small, fast version (about 40 s on 2 CPU cores).")
-@click.option("--jobs", default=2, show_default=True)
-@click.option("--beam", default=8, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--jobs", default=2, show_default=True, type=POS)
+@click.option("--beam", default=8, show_default=True, type=NONNEG)
+@click.option("--seed", default=0, show_default=True, type=NONNEG)
 @click.option("--progress/--no-progress", default=True)
 @user_errors
 def demo(out: Path, speech_dir: Path | None, test_speakers: str, test_pattern: str | None, mix_synthetic: int,
@@ -289,15 +319,15 @@ def _bench_device(device: str):  # noqa: ANN202
 @bench.command("model")
 @click.option("--out", default="bench/results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--lengths", default="100,300,1000,3000", show_default=True, help="Sequence lengths (frames).")
-@click.option("--batch", default=16, show_default=True)
-@click.option("--memory-dim", type=int, help="LMU input channels (default: the reference design's).")
+@click.option("--batch", default=16, show_default=True, type=POS)
+@click.option("--memory-dim", type=POS, help="LMU input channels (default: the reference design's).")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @user_errors
 def bench_model_cmd(out: Path, lengths: str, batch: int, memory_dim: int | None, device: str) -> None:
     """LMU parallel forms vs the step recurrence vs nn.LSTM, forward+backward, across lengths."""
     from lmu_asr.bench.model import bench_model
 
-    data = bench_model(out, [int(x) for x in lengths.split(",")], batch, _bench_device(device), memory_dim=memory_dim)
+    data = bench_model(out, int_list(lengths, "--lengths"), batch, _bench_device(device), memory_dim=memory_dim)
     for r in data["rows"]:
         click.echo(f"{r['frames']:5d} frames: best {r['best_parallel']:18s} x{r.get('speedup_vs_recurrence', 0):6.1f}"
                    f" vs recurrence, x{r['speedup_vs_lstm']:5.1f} vs LSTM")
@@ -314,15 +344,15 @@ def _bench_cfg(preset: str, precision: str | None, compile_: bool | None, sets: 
 @bench.command("train")
 @click.option("--out", default="bench/results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--preset", default="default", show_default=True)
-@click.option("--batch", "batches", multiple=True, type=int, help="Batch sizes (default: 48, 64, 96 as the seed).")
-@click.option("--frames", default=400, show_default=True, help="Padded length (the seed's limit: 400).")
+@click.option("--batch", "batches", multiple=True, type=POS, help="Batch sizes (default: 48, 64, 96 as the seed).")
+@click.option("--frames", default=400, show_default=True, type=click.IntRange(min=2), help="Padded length (the seed's limit: 400).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]))
 @click.option("--compile/--no-compile", "compile_", default=None)
 @click.option("--set", "sets", multiple=True, help="Config overrides, as for train.")
-@click.option("--steps", default=10, show_default=True, help="Steps per timed window.")
-@click.option("--windows", default=3, show_default=True, help="Timed windows (the median is reported).")
+@click.option("--steps", default=10, show_default=True, type=POS, help="Steps per timed window.")
+@click.option("--windows", default=3, show_default=True, type=POS, help="Timed windows (the median is reported).")
 @click.option("--shards", type=click.Path(path_type=Path), help="Also run the real loader on these shards.")
-@click.option("--peak-tflops", type=float, help="Device peak for MFU (default: built-in table).")
+@click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), help="Device peak for MFU (default: built-in table).")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @user_errors
 def bench_train_cmd(out: Path, preset: str, batches: tuple[int, ...], frames: int, precision: str | None,
@@ -332,6 +362,7 @@ def bench_train_cmd(out: Path, preset: str, batches: tuple[int, ...], frames: in
     import json
 
     from lmu_asr.bench.train import bench_train, bench_train_shards
+    from lmu_asr.fileio import atomic_write
 
     cfg = _bench_cfg(preset, precision, compile_, sets)
     dev = _bench_device(device)
@@ -343,7 +374,7 @@ def bench_train_cmd(out: Path, preset: str, batches: tuple[int, ...], frames: in
                    f"{r['audio_s_per_s']:.0f} audio-s/s, MFU {mfu}")
     if shards is not None:
         real = bench_train_shards(cfg, shards, dev)
-        (out / "train_shards.json").write_text(json.dumps(real, indent=1))
+        atomic_write(out / "train_shards.json", json.dumps(real, indent=1))
         click.echo(f"real shards: {real['utt_per_s']:.0f} utt/s, data wait {100 * real['data_wait']:.1f} %, "
                    f"padding {100 * real['padding']:.1f} %")
     click.echo("reports: " + ", ".join(data["files"]))
@@ -352,12 +383,12 @@ def bench_train_cmd(out: Path, preset: str, batches: tuple[int, ...], frames: in
 @bench.command("scale")
 @click.option("--out", default="bench/results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--preset", default="default", show_default=True)
-@click.option("--frames", default=400, show_default=True)
+@click.option("--frames", default=400, show_default=True, type=click.IntRange(min=2))
 @click.option("--batches", default="16,32,64,128,256,512,1024,2048", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]))
 @click.option("--compile/--no-compile", "compile_", default=None)
 @click.option("--set", "sets", multiple=True)
-@click.option("--peak-tflops", type=float)
+@click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True))
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @user_errors
 def bench_scale_cmd(out: Path, preset: str, frames: int, batches: str, precision: str | None,
@@ -366,7 +397,7 @@ def bench_scale_cmd(out: Path, preset: str, frames: int, batches: str, precision
     from lmu_asr.bench.train import bench_scale
 
     cfg = _bench_cfg(preset, precision, compile_, sets)
-    data = bench_scale(cfg, out, _bench_device(device), frames, [int(b) for b in batches.split(",")],
+    data = bench_scale(cfg, out, _bench_device(device), frames, int_list(batches, "--batches"),
                        peak_tflops=peak_tflops)
     click.echo(f"knee at batch {data['knee_batch']}; out of memory at {data['out_of_memory_at'] or 'none'}")
     click.echo("reports: " + ", ".join(data["files"]))
@@ -403,7 +434,7 @@ def bench_loader_cmd(corpus_dir: Path | None, subset: str, speech_dir: Path | No
 @click.option("--speech-dir", type=click.Path(path_type=Path),
               help="Build a corpus of long recordings from a transcripts.tsv folder instead.")
 @click.option("--out", default="bench/results", show_default=True, type=click.Path(path_type=Path))
-@click.option("--max-recordings", default=4, show_default=True)
+@click.option("--max-recordings", default=4, show_default=True, type=POS)
 @user_errors
 def bench_prep_cmd(corpus_dir: Path | None, subset: str, speech_dir: Path | None, out: Path,
                    max_recordings: int) -> None:

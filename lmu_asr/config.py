@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -255,8 +256,53 @@ def compile_enabled(cfg: Config, device_type: str) -> bool:
     return cfg.train.compile == "on" or (cfg.train.compile == "auto" and device_type == "cuda")
 
 
+# (field, lowest, highest, what the message calls the range): numbers outside these cannot give a working run
+_RANGES: list[tuple[str, float, float, str]] = [
+    ("model.d_model", 1, math.inf, ">= 1"), ("model.n_blocks", 1, math.inf, ">= 1"),
+    ("model.n_heads", 1, math.inf, ">= 1"), ("model.lmu_order", 1, math.inf, ">= 1"),
+    ("model.lmu_theta", 1e-9, math.inf, "> 0"), ("model.lmu_hidden", 1, math.inf, ">= 1"),
+    ("model.lmu_memory_dim", 1, math.inf, ">= 1"), ("model.lmu_chunk", 1, math.inf, ">= 1"),
+    ("model.ffn_dim", 0, math.inf, ">= 0"), ("model.downsample", 1, 8, "in [1, 8]"),
+    ("model.dropout", 0, 0.999, "in [0, 1)"), ("model.attn_dropout", 0, 0.999, "in [0, 1)"),
+    ("model.attn_left", 0, math.inf, ">= 0"), ("model.input_bins", 0, 80, "in [0, 80]"),
+    ("model.n_mels", 80, 80, "80 (the shards' fbank)"), ("model.vocab_size", 29, 29, "29 (the vocabulary)"),
+    ("data.batch_size", 0, math.inf, ">= 0 (0: frame-budget batches)"), ("data.batch_frames", 1, math.inf, ">= 1"),
+    ("data.max_frames", 1, math.inf, ">= 1"), ("data.min_frames", 0, math.inf, ">= 0"),
+    ("data.shuffle_buffer", 0, math.inf, ">= 0"), ("data.num_workers", 0, 256, "in [0, 256]"),
+    ("data.prefetch", 1, math.inf, ">= 1"), ("data.specaug.freq_masks", 0, 80, "in [0, 80]"),
+    ("data.specaug.freq_width", 0, 80, "in [0, 80]"), ("data.specaug.time_masks", 0, math.inf, ">= 0"),
+    ("data.specaug.time_width", 0, 1, "in [0, 1]"), ("data.specaug.time_width_max", 0, math.inf, ">= 0"),
+    ("data.specaug.freq_warp", 0, 0.5, "in [0, 0.5]"),
+    ("optim.lr", 1e-12, math.inf, "> 0"), ("optim.weight_decay", 0, math.inf, ">= 0"),
+    ("optim.warmup_steps", 0, math.inf, ">= 0"), ("optim.min_lr_ratio", 0, 1, "in [0, 1]"),
+    ("optim.grad_clip", 0, math.inf, ">= 0 (0: no clipping)"), ("optim.grad_accum", 1, math.inf, ">= 1"),
+    ("optim.total_steps", 0, math.inf, ">= 0"),
+    ("train.epochs", 1, math.inf, ">= 1"), ("train.max_steps", 0, math.inf, ">= 0 (0: all epochs)"),
+    ("train.seed", 0, 2**63 - 1, ">= 0"), ("train.save_every", 0, math.inf, ">= 0"),
+    ("train.log_every", 1, math.inf, ">= 1"), ("train.max_bad_steps", 1, math.inf, ">= 1"),
+    ("train.keep_epoch_checkpoints", 0, math.inf, ">= 0"), ("train.eval_beam", 0, math.inf, ">= 0"),
+]
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def validate(cfg: Config) -> None:
-    """Reject configurations that cannot work (one-line reasons) and normalise spellings."""
+    """Reject configurations that cannot work (one-line reasons naming the valid range) and normalise spellings."""
+    for name, low, high, what in _RANGES:
+        value = _get(cfg, name)
+        if not isinstance(value, (int, float)) or not low <= value <= high or value != value:
+            raise ValueError(f"{name}={value} is out of range: it must be {what}")
+    if any(not 0 <= b < 1 for b in cfg.optim.betas) or len(cfg.optim.betas) != 2:
+        raise ValueError(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1)")
+    if cfg.optim.schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"optim.schedule must be cosine, linear or constant, not {cfg.optim.schedule!r}")
+    if not cfg.data.buckets or min(cfg.data.buckets) < 1:
+        raise ValueError(f"data.buckets must be a non-empty list of positive lengths: {cfg.data.buckets}")
     m, d, t = cfg.model, cfg.data, cfg.train
     if m.d_model % m.n_heads:
         raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")

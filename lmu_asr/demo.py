@@ -28,6 +28,7 @@ import numpy as np
 import soundfile as sf
 
 from lmu_asr import UserError
+from lmu_asr.fileio import atomic_write
 from lmu_asr.prep.features import SAMPLE_RATE, resample
 from lmu_asr.prep.minicorpus import SourceUtterance, build_gigaspeech_corpus, read_speech_dir, samples_of
 from lmu_asr.prep.synth import SynthSpec
@@ -161,7 +162,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     spec = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k not in ("progress", "jobs")}
     if spec_file.is_file() and json.loads(spec_file.read_text()) != spec:
         raise UserError(f"{out} holds a demo run with other options; choose a new --out")
-    spec_file.write_text(json.dumps(spec, indent=1))
+    atomic_write(spec_file, json.dumps(spec, indent=1))
     timings: dict[str, float] = {}
 
     corpus = out / "corpus"
@@ -176,7 +177,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                 sf.write(out / "samples" / f"{u.utt_id}.wav", u.audio, SAMPLE_RATE)
             else:
                 shutil.copy(u.audio, out / "samples" / f"{u.utt_id}{Path(u.audio).suffix}")
-        (out / "samples" / "references.tsv").write_text("".join(f"{u.utt_id}\t{u.text}\n" for u in samples))
+        atomic_write(out / "samples" / "references.tsv", "".join(f"{u.utt_id}\t{u.text}\n" for u in samples))
     timings["corpus"] = time.perf_counter() - t
 
     shards = {}
@@ -217,7 +218,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     test = ShardSet.open(shards["test"])
     results = {"greedy": evaluate(model, test, mcfg, device, 0, keep_hyps=True),
                f"beam{opts.beam}": evaluate(model, test, mcfg, device, opts.beam)}
-    (run / "eval_test.json").write_text(json.dumps(results, indent=1))
+    atomic_write(run / "eval_test.json", json.dumps(results, indent=1))
     timings["eval"] = time.perf_counter() - t
 
     samples = sorted(p for p in (out / "samples").iterdir() if p.suffix != ".tsv")
@@ -244,8 +245,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                    "batch", "frames", "utt_per_s", "audio_s_per_s", "it_per_s", "max_rss_gb", "max_allocated_gb",
                    "mfu")}},
                "seconds": {**timings, "total": time.perf_counter() - t_start}, "curves": str(curves)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "report.md").write_text(report_markdown(summary, results))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write(out / "report.md", report_markdown(summary, results))
     return summary
 
 

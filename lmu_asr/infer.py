@@ -49,12 +49,15 @@ def transcribe_files(model: LMUASR, paths: list[Path], beam: int = 0, streaming:
     for path in paths:
         try:
             feats = features_of(path)
+            if streaming:
+                logits = stream_logits(model, feats, chunk_frames)
+                text = decode_texts(logits.float(), torch.tensor([logits.shape[1]]), beam)[0]
+            else:
+                text = transcribe_features(model, feats, beam)
         except (AudioError, OSError) as err:
-            yield path, None, str(err)
+            yield path, None, f"{path}: {err}" if str(path) not in str(err) else str(err)
             continue
-        if streaming:
-            logits = stream_logits(model, feats, chunk_frames)
-            text = decode_texts(logits.float(), torch.tensor([logits.shape[1]]), beam)[0]
-        else:
-            text = transcribe_features(model, feats, beam)
+        except Exception as err:  # one file must never stop the others; its error is reported in one line
+            yield path, None, f"{path}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+            continue
         yield path, text, None

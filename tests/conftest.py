@@ -58,3 +58,38 @@ def train_shards(mini_corpus: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def dev_shards(mini_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _prep(mini_corpus, tmp_path_factory.mktemp("shards") / "dev", "DEV")
+
+
+# ---- synthetic speech (eSpeak NG, shipped with the package): for tests where real speech is not the point, so a
+# ---- user without ../shared skips little
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GigaSpeech-layout corpus of eSpeak utterances: 60 XS, 10 DEV, 10 TEST (built in a few seconds)."""
+    from lmu_asr.prep.minicorpus import build_gigaspeech_corpus
+    from lmu_asr.prep.synth import SynthSpec, synthetic_utterances
+
+    out = tmp_path_factory.mktemp("synth_corpus")
+    build_gigaspeech_corpus(synthetic_utterances(SynthSpec(xs=60, dev=10, test=10, seed=11)), out, seed=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_shards(synth_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The XS subset in 4 shards (small ones, so damage to one shard leaves others)."""
+    return _prep(synth_corpus, tmp_path_factory.mktemp("synth") / "xs", "XS", "--shard-frames", "3000",
+                 "--shuffle-group", "2")
+
+
+@pytest.fixture(scope="session")
+def synth_dev(synth_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _prep(synth_corpus, tmp_path_factory.mktemp("synth") / "dev", "DEV")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synth_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cpu-tiny run of 4 steps on the synthetic shards (a real checkpoint for eval/transcribe/resume rows)."""
+    run = tmp_path_factory.mktemp("synth") / "run"
+    code, output = run_cli("train", "--shards", str(synth_shards), "--out", str(run), "--preset", "cpu-tiny",
+                           "--max-steps", "4", "--save-every", "2", "--no-progress", "--workers", "0")
+    assert code == 0, output
+    return run

@@ -118,7 +118,8 @@ def segments_of(shards: ShardSet, corpus_dir: Path, limit: int) -> list[dict[str
     where = {s["sid"]: (corpus_dir / a["path"], s["begin_time"], s["end_time"] - s["begin_time"])
              for a in corpus["audios"] for s in a["segments"]}
     out = []
-    for key, text in zip(shards.keys[:limit], shards.texts[:limit], strict=False):
+    for i in range(min(limit, len(shards))):
+        key, text = shards.key(i), shards.read(i)[1]
         path, start, dur = where[key]
         out.append({"key": key, "path": str(path), "start": start, "duration": dur, "text": text})
     return out
@@ -143,7 +144,7 @@ def _bench_loader(corpus_dir: Path, subset: str, shards_dir: Path, out_dir: Path
     manifests = shards_dir / ".prep" / "manifests"
     cuts = CutSet.from_file(manifests / f"gigaspeech_cuts_{subset.upper()}.jsonl.gz").trim_to_supervisions(
         keep_overlapping=False)
-    keep = set(shards.keys)
+    keep = set(shards.key_list())
     cuts = CutSet.from_cuts(c for c in cuts if c.supervisions[0].id in keep).to_eager()
     lhotse_row = run_lhotse(cuts, out_dir / "work" / "lhotse_features")
     rows = [ours, seed, lhotse_row]

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from lmu_asr.fileio import atomic_write, atomic_write_with
+
 # The seed project's published training figures (its README): utterances of at most 400 frames.
 SEED_REFERENCE = [
     {"gpu": "RTX 4090", "batch": 48, "it_per_s": 2.0, "memory_gb": 20.0},
@@ -134,13 +136,13 @@ def write_report(out_dir: str | Path, name: str, title: str, data: dict[str, Any
     out.mkdir(parents=True, exist_ok=True)
     written = []
     path = out / f"{name}.json"
-    path.write_text(json.dumps(data, indent=1, default=str))
+    atomic_write(path, json.dumps(data, indent=1, default=str))
     written.append(path)
     env = data.get("env", {})
     md = (f"# {title}\n\nMeasured on **{env.get('device', '?')}**, torch {env.get('torch', '?')}, "
           f"commit {env.get('git_commit') or '?'}, {env.get('time', '')}.\n\n{markdown_body.strip()}\n")
     path = out / f"{name}.md"
-    path.write_text(md)
+    atomic_write(path, md)
     written.append(path)
     if plot is not None:
         try:
@@ -151,6 +153,6 @@ def write_report(out_dir: str | Path, name: str, title: str, data: dict[str, Any
         plot(fig)
         fig.tight_layout()
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=120)
+        atomic_write_with(path, lambda f: fig.savefig(f, dpi=120, format="png"))
         written.append(path)
     return written

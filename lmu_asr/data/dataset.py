@@ -3,7 +3,8 @@
 Each item is a whole batch (static shape per bucket), assembled in a worker process: features stay float16 until
 they reach the device (half the host->device bytes), targets are a (B, S) matrix with true lengths (S =
 bucket // downsample, static). Pinned memory and ``non_blocking`` copies let the next batch's transfer overlap the
-current step. A damaged sample becomes an empty row, counted in ``skipped``: training goes on.
+current step. A damaged sample becomes an empty row; its key and reason are in the item's ``damaged`` list (the
+trainer and ``eval`` count and report them): training goes on.
 """
 
 from __future__ import annotations
@@ -37,28 +38,33 @@ class BatchDataset(Dataset):
         lengths = np.zeros(b.capacity, dtype=np.int64)
         targets = np.zeros((b.capacity, S), dtype=np.int64)
         target_lengths = np.zeros(b.capacity, dtype=np.int64)
-        texts, keys, skipped = [], [], 0
+        texts, keys, damaged = [], [], []
         for row, i in enumerate(b.indices.tolist()):
+            key = self.shards.key(i)
             try:
                 x, text = self.shards.read(i)
-                ids = encode(text)
-                if len(ids) > S:
-                    raise ShardError(f"{self.shards.keys[i]}: transcript longer than the index says")
-            except (ShardError, ValueError) as err:
+                try:
+                    ids = encode(text)
+                except ValueError as err:
+                    raise ShardError(f"{key}: {err}", "text_outside_vocabulary") from None
+                if len(ids) > S and not self.with_text:  # the plan only schedules feasible utterances
+                    raise ShardError(f"{key}: transcript longer than the index says", "text_mismatch")
+            except ShardError as err:
                 log.warning("skipping a damaged sample: %s", err)
-                skipped += 1
+                damaged.append({"key": key, "reason": err.reason, "detail": str(err)})
                 texts.append("")
-                keys.append(self.shards.keys[i])
+                keys.append(key)
                 continue
             feats[row, : x.shape[0]] = x
             lengths[row] = x.shape[0]
-            targets[row, : len(ids)] = ids
-            target_lengths[row] = len(ids)
+            if len(ids) <= S:  # else (evaluation only) scored for WER, left out of the loss
+                targets[row, : len(ids)] = ids
+                target_lengths[row] = len(ids)
             texts.append(text)
-            keys.append(self.shards.keys[i])
+            keys.append(key)
         item = {"feats": torch.from_numpy(feats), "lengths": torch.from_numpy(lengths),
                 "targets": torch.from_numpy(targets), "target_lengths": torch.from_numpy(target_lengths),
-                "index": k, "real": b.real - skipped, "skipped": skipped}
+                "index": k, "real": b.real - len(damaged), "skipped": len(damaged), "damaged": damaged}
         if self.with_text:
             item["texts"], item["keys"] = texts, keys
         return item

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmu_asr.config import DataConfig
-from lmu_asr.data.shards import ShardSet
+from lmu_asr.data.shards import OPEN_DAMAGE, ShardSet
 
 
 @dataclass
@@ -68,8 +68,8 @@ def eligible(shards: ShardSet, cfg: DataConfig, downsample: int) -> tuple[np.nda
     """Mask of utterances that can be trained on, and why the others cannot."""
     n = shards.num_frames
     out_frames = -(-n // downsample)
-    reasons = {
-        "damaged_shard": ~shards.usable,
+    reasons = {name: shards.damage == code for code, name in OPEN_DAMAGE.items()}
+    reasons |= {
         "longer_than_max_frames": n > cfg.max_frames,
         "shorter_than_min_frames": n < cfg.min_frames,
         "transcript_too_long_for_ctc": shards.min_out_frames > out_frames,
@@ -148,14 +148,16 @@ def epoch_plan(shards: ShardSet, cfg: DataConfig, downsample: int, epoch: int, s
 
 def eval_plan(shards: ShardSet, cfg: DataConfig, downsample: int, rank: int = 0,
               world: int = 1) -> tuple[list[Batch], PlanStats]:
-    """Evaluation: every usable utterance once, sorted by length (least padding), strided across ranks.
+    """Evaluation: every readable utterance once, sorted by length (least padding), strided across ranks.
 
-    Utterances longer than max_frames are still evaluated (in extra buckets): evaluation must score everything.
+    Evaluation must score everything it can read: utterances longer than max_frames go into extra buckets, and
+    utterances too short for training (or for their transcript under CTC) are scored too (as the errors they will
+    be). Only utterances found damaged when the set was opened are left out, counted by reason.
     """
     longest = int(shards.num_frames[shards.usable].max()) if shards.usable.any() else cfg.max_frames
-    eval_cfg = DataConfig(**{**cfg.__dict__, "max_frames": max(cfg.max_frames, longest)})
-    mask, skipped = eligible(shards, eval_cfg, downsample)
-    stats = PlanStats(skipped=skipped)
+    eval_cfg = DataConfig(**{**cfg.__dict__, "max_frames": max(cfg.max_frames, longest), "min_frames": 0})
+    mask = shards.usable.copy()
+    stats = PlanStats(skipped=shards.damage_counts())
     order = np.flatnonzero(mask)
     order = order[np.argsort(shards.num_frames[order], kind="stable")][rank::world]
     return make_batches(order, shards, eval_cfg, downsample, stats), stats

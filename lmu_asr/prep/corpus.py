@@ -13,10 +13,16 @@ an utterance silently nor die on one bad entry, so they are watched:
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
+from decimal import Decimal
 from pathlib import Path
+from typing import BinaryIO
 
 from lmu_asr import UserError
+from lmu_asr.fileio import atomic_write
 from lmu_asr.prep.plan import GIGASPEECH_SUBSETS, RANGE_TOLERANCE, reject, sanitize_key
 
 log = logging.getLogger(__name__)
@@ -109,7 +115,12 @@ def gigaspeech_cuts_per_entry(corpus_dir: Path, subset: str) -> tuple[list, list
 
 def load_gigaspeech(corpus_dir: Path, subset: str, manifest_dir: Path, jobs: int) -> tuple[object, list[dict],
                                                                                            set[str], list[str]]:
-    """Cuts of a GigaSpeech subset via lhotse's recipe. Returns (cuts, rejected, keys to drop, notes)."""
+    """Cuts of a GigaSpeech subset via lhotse's recipe. Returns (cuts, rejected, keys to drop, notes).
+
+    lhotse writes its manifests into ``manifest_dir.partial``, which is renamed to ``manifest_dir`` only once the
+    recipe has returned: a kill -9 inside lhotse's writers (which leaves 0-byte ``*.jsonl.gz`` files) can never
+    be mistaken for a cache by the next run, which starts the recipe over.
+    """
     from lhotse import CutSet
     from lhotse.recipes import prepare_gigaspeech
 
@@ -118,16 +129,17 @@ def load_gigaspeech(corpus_dir: Path, subset: str, manifest_dir: Path, jobs: int
         # lhotse (1.33) returns no "cuts" for a subset whose manifests are cached, so read them directly; the
         # audit below is repeated because the recipe's warnings are not.
         return CutSet.from_file(cached), *_audit_if_needed(corpus_dir, subset, cached), []
+    partial = manifest_dir.with_name(manifest_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(manifest_dir, ignore_errors=True)  # an old layout's directory without this subset's cuts
     notes: list[str] = []
     handler = _LhotseNotes()
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        manifests = prepare_gigaspeech(corpus_dir, manifest_dir, dataset_parts=[subset], num_jobs=jobs)
-        cuts = manifests[subset]["cuts"]
-    except Exception as err:  # AssertionError from fix_manifests, or a damaged JSON
-        for stale in manifest_dir.glob(f"gigaspeech_*_{subset}.jsonl.gz"):
-            stale.unlink()  # a half-written manifest must not be taken as cached next time
+        prepare_gigaspeech(corpus_dir, partial, dataset_parts=[subset], num_jobs=jobs)
+    except Exception as err:  # AssertionError from fix_manifests on a malformed entry
+        shutil.rmtree(partial, ignore_errors=True)  # never taken as cached next time
         notes.append(f"lhotse's prepare_gigaspeech stopped ({type(err).__name__}: {str(err)[:120]}); "
                      "parsed GigaSpeech.json one recording at a time instead")
         log.warning(notes[-1])
@@ -136,11 +148,98 @@ def load_gigaspeech(corpus_dir: Path, subset: str, manifest_dir: Path, jobs: int
     finally:
         root.removeHandler(handler)
     if handler.messages:
+        atomic_write(partial / f"gigaspeech_audit_{subset}.flag", "\n".join(handler.messages))
+    os.replace(partial, manifest_dir)
+    cuts = CutSet.from_file(cached)
+    if handler.messages:
         notes.extend(f"lhotse: {m}" for m in handler.messages)
         rejected = audit_gigaspeech(corpus_dir, subset)
-        (manifest_dir / f"gigaspeech_audit_{subset}.flag").write_text("\n".join(handler.messages))
         return cuts, rejected, {r["key"] for r in rejected}, notes
     return cuts, [], set(), notes
+
+
+class _HashingReader:
+    """A binary file wrapper that hashes every byte it hands to the JSON parser (one pass for both)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        return data
+
+
+REQUIRED_AUDIO = {"aid": str, "path": str, "duration": (int, float, Decimal), "sample_rate": (int, float, Decimal),
+                  "channels": (int, Decimal), "subsets": list, "segments": list}
+REQUIRED_SEGMENT = {"sid": str, "begin_time": (int, float, Decimal), "end_time": (int, float, Decimal),
+                    "text_tn": str, "subsets": list}
+
+
+def entry_problem(audio: object) -> str | None:
+    """Why one ``audios`` entry does not follow the GigaSpeech schema lhotse's recipe reads, or None."""
+    if not isinstance(audio, dict):
+        return "an entry of 'audios' is not an object"
+    for name, kind in REQUIRED_AUDIO.items():
+        if not isinstance(audio.get(name), kind):
+            return f"audio {audio.get('aid', '?')}: field {name!r} is missing or not a {_kind(kind)}"
+    for seg in audio["segments"]:
+        if not isinstance(seg, dict):
+            return f"audio {audio['aid']}: a segment is not an object"
+        for name, kind in REQUIRED_SEGMENT.items():
+            if not isinstance(seg.get(name), kind):
+                return f"segment {seg.get('sid', '?')}: field {name!r} is missing or not a {_kind(kind)}"
+    return None
+
+
+def _kind(kind: type | tuple) -> str:
+    return "number" if isinstance(kind, tuple) else {"str": "string", "list": "list"}[kind.__name__]
+
+
+def validate_gigaspeech_json(corpus_dir: Path) -> dict[str, object]:
+    """Parse all of GigaSpeech.json once, streaming: its sha256, and its entries checked against the schema.
+
+    A truncated or invalid file, or one without a single well-formed ``audios`` entry, is a :class:`UserError`:
+    lhotse's recipe would otherwise read the part before the damage and return a partial corpus (with a traceback
+    from one of its threads, and exit 0). Malformed single entries are only counted here; prep rejects their
+    segments with a reason (``bad_manifest_entry``).
+    """
+    import ijson
+
+    path = corpus_dir / "GigaSpeech.json"
+    audios = bad = 0
+    first_problem = None
+    try:
+        with open(path, "rb") as f:
+            reader = _HashingReader(f)
+            for audio in ijson.items(reader, "audios.item"):
+                audios += 1
+                problem = entry_problem(audio)
+                if problem:
+                    bad += 1
+                    first_problem = first_problem or problem
+            while reader.read(1 << 20):  # hash what follows the audios list too
+                pass
+    except ijson.JSONError as err:
+        reason = "it ends before the JSON is complete (truncated)" if "incomplete" in str(err).lower() or \
+            "premature" in str(err).lower() else f"it is not valid JSON ({str(err).strip()[:80]})"
+        raise UserError(f"cannot use {path}: {reason}; nothing was written") from None
+    if audios == 0:
+        raise UserError(f"{path} has no 'audios' list: it does not follow the GigaSpeech schema")
+    if bad == audios:
+        raise UserError(f"{path} does not follow the GigaSpeech schema: {first_problem}")
+    if bad:
+        log.warning("%s: %d of %d audio entries are malformed (first: %s); their segments are rejected", path,
+                    bad, audios, first_problem)
+    return {"sha256": reader.sha.hexdigest(), "audios": audios, "malformed": bad}
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return sha.hexdigest()
 
 
 def _audit_if_needed(corpus_dir: Path, subset: str, cached: Path) -> tuple[list[dict], set[str]]:

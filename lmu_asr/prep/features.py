@@ -64,10 +64,11 @@ def compute_fbank(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, num_mel_b
     """
     if samples.ndim != 1:
         raise ValueError("compute_fbank expects mono samples (1-D)")
-    if samples.size < 2:
-        raise AudioError("audio is empty")
-    x = samples.astype(np.float32, copy=False)
     hop, win = round(0.01 * sample_rate), round(0.025 * sample_rate)
+    if samples.size < win:  # not one analysis window: no frame to compute (lhotse fails with a storage error)
+        raise AudioError(f"audio is too short: {1000 * samples.size / sample_rate:.1f} ms, at least "
+                         f"{1000 * win / sample_rate:.0f} ms (one analysis window) is needed")
+    x = samples.astype(np.float32, copy=False)
     total = (x.size + hop // 2) // hop
     if total <= block_frames or x.size < win:
         feats = _extractor(num_mel_bins, sample_rate).extract(x, sample_rate)
@@ -113,6 +114,8 @@ def load_audio(source: str | Path | bytes, target_rate: int = SAMPLE_RATE,
     audio is resampled to ``target_rate`` either way.
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise AudioError(f"{name}: {'is a directory' if Path(source).is_dir() else 'no such file'}")
     try:
         fh = io.BytesIO(source) if isinstance(source, bytes) else source
         data, rate = sf.read(fh, dtype="float32", always_2d=True)

@@ -24,7 +24,15 @@ import numpy as np
 from tqdm import tqdm
 
 from lmu_asr import UserError, __version__
-from lmu_asr.prep.corpus import check_gigaspeech_dir, load_cutset, load_gigaspeech
+from lmu_asr.fileio import atomic_write as _atomic_write
+from lmu_asr.fileio import check_writable
+from lmu_asr.prep.corpus import (
+    check_gigaspeech_dir,
+    file_sha256,
+    load_cutset,
+    load_gigaspeech,
+    validate_gigaspeech_json,
+)
 from lmu_asr.prep.features import FeatureConfig
 from lmu_asr.prep.plan import Group, plan_groups, recordings_from_cuts
 from lmu_asr.prep.shards import ShardWriter, shard_name
@@ -50,6 +58,7 @@ class PrepOptions:
     compress: str | None = None
     progress: bool = True
     command: str = ""
+    source_sha256: str | None = None  # content of GigaSpeech.json / the cuts manifest (set by run_prep)
 
     def fingerprint(self) -> dict:
         """What determines the output bytes; a different fingerprint in an existing --out is refused."""
@@ -58,16 +67,7 @@ class PrepOptions:
                 "subset": self.subset.upper() if self.subset else None,
                 "cuts": str(self.cuts.resolve()) if self.cuts else None, "shard_frames": self.shard_frames,
                 "shuffle_group": self.shuffle_group, "seed": self.seed, "compress": self.compress,
-                "features": FeatureConfig().to_dict()}
-
-
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+                "features": FeatureConfig().to_dict(), "source_sha256": self.source_sha256}
 
 
 def _check_out_dir(opts: PrepOptions) -> Path:
@@ -79,9 +79,16 @@ def _check_out_dir(opts: PrepOptions) -> Path:
         if not config_file.is_file():
             raise UserError(f"--out {out} exists, is not empty and is not an lmu-asr prep output; "
                             "choose a new directory")
-        old = json.loads(config_file.read_text())
+        try:
+            old = json.loads(config_file.read_text())
+        except ValueError:
+            old = {}
         new = opts.fingerprint()
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff == ["source_sha256"]:
+            raise UserError(f"--out {out} was made from other input: the content of "
+                            f"{'the cuts manifest' if opts.cuts else 'GigaSpeech.json'} has changed since; output "
+                            "made from other input is never reused: use a new --out (or delete this one)")
         if diff:
             raise UserError(f"--out {out} holds shards from a different configuration (differs in: "
                             f"{', '.join(diff)}); use a new --out or the original options")
@@ -97,11 +104,30 @@ def _marker(state: Path, group: Group) -> Path:
     return state / "groups" / f"group-{group.index:06d}.json"
 
 
+def _audio_stats(group: Group) -> dict[str, list[int]]:
+    """(size, mtime) of each local audio file of a group: a group whose audio changed since is redone."""
+    out = {}
+    for job in group.recordings:
+        if job.path is not None:
+            try:
+                st = os.stat(job.path)
+                out[job.recording_id] = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                out[job.recording_id] = [-1, 0]
+    return out
+
+
 def _group_done(out: Path, state: Path, group: Group) -> dict | None:
     marker = _marker(state, group)
     if not marker.is_file():
         return None
-    done = json.loads(marker.read_text())
+    try:
+        done = json.loads(marker.read_text())
+    except ValueError:
+        return None
+    if done.get("audio") != _audio_stats(group):
+        log.info("the audio of group %d changed since its shards were written; redoing it", group.index)
+        return None
     for shard in done["shards"]:
         path = out / shard["name"]
         if not path.is_file() or path.stat().st_size != shard["bytes"]:
@@ -146,7 +172,7 @@ def _write_group(out: Path, group: Group, results: list[RecordingResult], compre
             writer.abort()
             raise
         shards.append({"name": name, "utterances": count, "frames": shard_frames, "bytes": size})
-    return {"group": group.index, "shards": shards, "rows": rows,
+    return {"group": group.index, "shards": shards, "rows": rows, "audio": _audio_stats(group),
             "rejected": [r for res in results for r in res.rejected],
             "stats": {"sum": total.tolist(), "sum_sq": total_sq.tolist(), "frames": frames},
             "decoded_seconds": sum(r.decoded_seconds for r in results),
@@ -182,13 +208,36 @@ def validate_options(opts: PrepOptions) -> None:
         raise UserError(f"unknown --compress {opts.compress!r} (zstd or none)")
 
 
+def source_digest(opts: PrepOptions) -> str:
+    """sha256 of the input's description (GigaSpeech.json fully parsed and checked first; or the cuts file)."""
+    if opts.cuts is not None:
+        if not opts.cuts.is_file():
+            raise UserError(f"cuts manifest not found: {opts.cuts}")
+        return file_sha256(opts.cuts)
+    assert opts.corpus_dir is not None
+    return str(validate_gigaspeech_json(opts.corpus_dir)["sha256"])
+
+
 def run_prep(opts: PrepOptions) -> dict:
-    """Run (or resume) prep; returns the meta.json content."""
+    """Run (or resume) prep; returns the meta.json content.
+
+    Order matters for what a failure leaves behind: the input is validated (and hashed) before anything is
+    written, the output folder is probed for writability before the hour of work, and every file is written
+    under a temporary name.
+    """
     validate_options(opts)
     t0 = time.time()
+    opts.source_sha256 = source_digest(opts)
+    check_writable(opts.out, "--out")
     state = _check_out_dir(opts)
     cuts, rejected, drop, notes, source = _load_cuts(opts, state)
-    jobs, plan_rejects = recordings_from_cuts(cuts, skip=drop)
+    try:
+        jobs, plan_rejects = recordings_from_cuts(cuts, skip=drop)
+    except UserError:
+        raise
+    except Exception as err:  # lhotse reads lazily: a damaged manifest fails here, not when it is opened
+        raise UserError(f"cannot read the cuts of {opts.cuts or opts.corpus_dir}: {type(err).__name__}: "
+                        f"{str(err).strip()[:120]}") from None
     rejected = rejected + plan_rejects
     if not jobs:
         raise UserError(f"no usable utterances found ({len(rejected)} rejected; see the reasons with --log-level "

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmu_asr.fileio import atomic_write
+
 FBANK_EXT = "fbank.npy"
 FBANK_ZST_EXT = "fbank.npy.zst"
 JSON_EXT = "json"
@@ -104,10 +106,8 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         size = self._file.tell()
         self._file.close()
-        idx = self.path.with_suffix(".idx")
-        idx_tmp = idx.with_name(idx.name + ".tmp")
-        idx_tmp.write_text(f"v1.2 {len(self.idx_lines)}\n" + "".join(line + "\n" for line in self.idx_lines))
-        os.replace(idx_tmp, idx)
+        atomic_write(self.path.with_suffix(".idx"),
+                     f"v1.2 {len(self.idx_lines)}\n" + "".join(line + "\n" for line in self.idx_lines))
         os.replace(self.tmp, self.path)
         return size
 
@@ -129,7 +129,57 @@ def decode_fbank(payload: bytes, compressed: bool = False) -> np.ndarray:
 
 
 class ShardError(Exception):
-    """A shard (or one sample in it) is truncated or corrupt."""
+    """A shard (or one sample in it) is truncated or corrupt; ``reason`` is a short code for counting."""
+
+    def __init__(self, message: str, reason: str = "corrupt") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def tar_header(block: bytes) -> tuple[str, int] | None:
+    """(member name, size) of a 512-byte ustar header block, or None when it is not a valid header.
+
+    The checksum is verified (the sum of the header bytes with the checksum field read as spaces), so a block of
+    feature data or a damaged header is never taken for a member.
+    """
+    if len(block) < BLOCK or block[257:262] != b"ustar":
+        return None
+    try:
+        stored = int(block[148:156].split(b"\0")[0].strip() or b"-1", 8)
+        size = int(block[124:136].split(b"\0")[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    if stored != sum(block[:BLOCK]) - sum(block[148:156]) + 8 * 32:
+        return None
+    name = block[:100].split(b"\0")[0]
+    prefix = block[345:500].split(b"\0")[0]
+    full = (prefix + b"/" + name) if prefix else name
+    return full.decode("utf-8", "replace"), size
+
+
+def scan_members(fd: int, file_size: int) -> tuple[dict[str, tuple[int, int]], bool]:
+    """(member name -> (data offset, size), whether the archive ends properly) of a tar, read header by header.
+
+    When a header is damaged the scan moves on block by block until it finds the next valid header, so the
+    members after a damaged one are still found (what a shard with one member removed or resized needs). The
+    archive ends properly when the scan meets tar's end-of-archive zero block; a truncated shard does not.
+    """
+    members: dict[str, tuple[int, int]] = {}
+    pos = 0
+    while pos + BLOCK <= file_size:
+        block = os.pread(fd, BLOCK, pos)
+        if block == bytes(BLOCK):
+            return members, True
+        head = tar_header(block)
+        if head is None:
+            pos += BLOCK
+            continue
+        name, size = head
+        if pos + BLOCK + size > file_size:
+            break  # the last member is cut short
+        members.setdefault(name, (pos + BLOCK, size))
+        pos += BLOCK + -(-size // BLOCK) * BLOCK
+    return members, False
 
 
 def read_sample(f, fbank_offset: int, fbank_size: int, json_offset: int, json_size: int,  # noqa: ANN001

@@ -9,8 +9,10 @@ renamed: a kill at any moment leaves either the old file or the new one, never h
 
 from __future__ import annotations
 
-import os
+import io
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,41 +21,74 @@ import torch
 
 from lmu_asr import UserError, __version__
 from lmu_asr.config import Config, config_from_dict
+from lmu_asr.fileio import atomic_write_with
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save to a temporary name, then rename: a kill or a full disk never leaves half a checkpoint.
+
+    The checkpoint is serialised in memory first: torch's zip writer turns a failed write (disk full, file too
+    large) into an opaque RuntimeError, while a plain write of the bytes raises the OSError that says what failed.
+    """
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_with(path, lambda f: f.write(buf.getbuffer()))
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as plain types and tensors only (what ``torch.load(weights_only=True)`` accepts)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                    int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
+    kind, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _numpy_globals() -> list[Any]:
+    """What checkpoints of earlier versions of this project hold besides tensors: a numpy RNG state (an array)."""
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    out: list[Any] = [np.ndarray, np.dtype, (reconstruct, "numpy.core.multiarray._reconstruct"),
+                      (reconstruct, "numpy._core.multiarray._reconstruct")]
+    uint32 = getattr(getattr(np, "dtypes", None), "UInt32DType", None)
+    if uint32 is not None:
+        out.append(uint32)
+    return out
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely: tensors and plain types only (``weights_only``), never arbitrary objects.
+
+    A file that needs anything else (a pickled class, a function call: how a crafted checkpoint runs code) is
+    refused with a one-line error; the numpy array of an older checkpoint's RNG state is the one exception.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # a damaged or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise UserError(f"refusing to load {path}: it would call {found.group(1)} (only tensors and plain data "
+                            "are loaded; this file was not written by lmu-asr or was altered)") from None
+        detail = str(err).strip().splitlines()[-1][:120] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint, or damaged ({detail})") from None
+    except Exception as err:  # a truncated, damaged or foreign file
+        raise UserError(f"cannot read checkpoint {path}: not a complete PyTorch checkpoint "
+                        f"({type(err).__name__}: {str(err).strip()[:120]})") from None
 
 
 def model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):  # noqa: ANN201

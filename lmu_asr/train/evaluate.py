@@ -1,26 +1,51 @@
-"""Validation and ``lmuasr eval``: CTC loss and WER/CER over a shard set, sharded across ranks when in DDP."""
+"""Validation and ``lmuasr eval``: CTC loss and WER/CER over a shard set, sharded across ranks when in DDP.
+
+Nothing is silently left out: every utterance the index lists is scored unless it cannot be read, and those are
+counted by reason (with the first keys) in the result's ``damaged``; a set with nothing readable raises
+:class:`NothingToScore` instead of reporting a perfect score over zero utterances.
+"""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
+import numpy as np
 import torch
 
+from lmu_asr import UserError
 from lmu_asr.config import Config
 from lmu_asr.data.dataset import BatchDataset, make_loader, to_device
 from lmu_asr.data.sampler import eval_plan
-from lmu_asr.data.shards import ShardSet
+from lmu_asr.data.shards import OPEN_DAMAGE, ShardSet
 from lmu_asr.model.asr import LMUASR, ctc_loss
 from lmu_asr.model.decode import decode_texts
 from lmu_asr.text import ErrorRates
 from lmu_asr.train import dist
 
+MAX_EXAMPLES = 20
+
+
+class NothingToScore(UserError):
+    """An evaluation set without a single readable utterance."""
+
+
+def ctc_feasible(out_lengths: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
+    """Rows whose transcript fits their output frames under CTC (labels + adjacent repeats <= frames)."""
+    pos = torch.arange(targets.shape[1] - 1, device=targets.device)[None, :]
+    repeats = ((targets[:, 1:] == targets[:, :-1]) & (pos < target_lengths[:, None] - 1)).sum(1)
+    return (target_lengths > 0) & (target_lengths + repeats <= out_lengths)
+
+
+def damage_summary(counts: Counter, examples: list[dict]) -> dict[str, Any]:
+    return {"count": sum(counts.values()), "by_reason": dict(sorted(counts.items())), "examples": examples}
+
 
 @torch.no_grad()
 def evaluate(model: LMUASR, shards: ShardSet, cfg: Config, device: torch.device, beam: int = 0,
              autocast_dtype: torch.dtype | None = None, keep_hyps: bool = False) -> dict[str, Any]:
-    """Loss (mean per label, as in training) and corpus WER/CER (GigaSpeech scoring) on every utterance."""
+    """Loss (mean per label, as in training) and corpus WER/CER (GigaSpeech scoring) on every readable utterance."""
     was_training = model.training
     model.eval()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -31,21 +56,30 @@ def evaluate(model: LMUASR, shards: ShardSet, cfg: Config, device: torch.device,
     rates = ErrorRates()
     loss_sum = utts = 0.0
     hyps: list[tuple[str, str, str]] = []
+    damaged: Counter = Counter(stats.skipped if rank == 0 else {})
+    examples: list[dict] = [{"key": shards.key(int(i)), "reason": OPEN_DAMAGE[int(shards.damage[i])]}
+                            for i in np.flatnonzero(shards.damage > 0)[:MAX_EXAMPLES]] if rank == 0 else []
     t0 = time.perf_counter()
     for batch in loader:
+        for d in batch["damaged"]:
+            damaged[d["reason"]] += 1
+            if len(examples) < MAX_EXAMPLES:
+                examples.append(d)
+        bad_keys = {d["key"] for d in batch["damaged"]}
         b = to_device(batch, device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             logits, out_lengths = model(b["feats"], b["lengths"])
-        real = batch["real"]
-        valid = b["target_lengths"] > 0
-        if real:
-            loss = ctc_loss(logits, out_lengths, b["targets"], b["target_lengths"])
-            loss_sum += float(loss) * int(valid.sum())
-            utts += int(valid.sum())
+        feasible = ctc_feasible(out_lengths, b["targets"], b["target_lengths"])
+        n_feasible = int(feasible.sum())
+        if n_feasible:
+            tl = torch.where(feasible, b["target_lengths"], torch.zeros_like(b["target_lengths"]))
+            loss = ctc_loss(logits, out_lengths, b["targets"], tl)
+            loss_sum += float(loss) * n_feasible
+            utts += n_feasible
         texts = decode_texts(logits.float(), out_lengths, beam)
-        for ref, hyp, key, n in zip(batch["texts"], texts, batch["keys"], batch["lengths"].tolist(), strict=False):
-            if n == 0:
+        for ref, hyp, key in zip(batch["texts"], texts, batch["keys"], strict=False):  # real rows only
+            if key in bad_keys:
                 continue
             rates.add(ref, hyp)
             if keep_hyps:
@@ -54,8 +88,17 @@ def evaluate(model: LMUASR, shards: ShardSet, cfg: Config, device: torch.device,
                                   rates.ref_chars, rates.utterances], device)
     rates = ErrorRates(int(totals[2]), int(totals[3]), int(totals[4]), int(totals[5]), int(totals[6]))
     model.train(was_training)
-    out = {"loss": totals[0] / max(totals[1], 1), **rates.as_dict(), "skipped": stats.skipped,
-           "seconds": time.perf_counter() - t0, "beam": beam}
+    if world > 1:  # every rank takes part in the gather; the counts are the sum over ranks
+        parts = dist.all_gather_objects(dict(damaged))
+        damaged = Counter()
+        for part in parts:
+            damaged.update(part)  # type: ignore[arg-type]
+    if rates.utterances == 0:
+        what = ", ".join(f"{k} {v}" for k, v in sorted(damaged.items())) or "the index lists none"
+        raise NothingToScore(f"no readable utterance to score in {shards.directory} ({len(shards)} in its index; "
+                             f"unreadable: {what})")
+    out = {"loss": totals[0] / max(totals[1], 1), **rates.as_dict(), "damaged": damage_summary(damaged, examples),
+           "index_utterances": len(shards), "seconds": time.perf_counter() - t0, "beam": beam}
     if keep_hyps:
         gathered = dist.all_gather_objects(hyps)
         out["hypotheses"] = sorted(h for part in gathered for h in part)  # type: ignore[union-attr]

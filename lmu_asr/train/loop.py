@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import subprocess
 import time
@@ -20,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -27,8 +29,9 @@ from lmu_asr import UserError
 from lmu_asr.config import Config
 from lmu_asr.data.dataset import BatchDataset, make_loader
 from lmu_asr.data.sampler import epoch_plan
-from lmu_asr.data.shards import ShardSet
+from lmu_asr.data.shards import OPEN_DAMAGE, ShardSet
 from lmu_asr.data.specaug import SpecAugment
+from lmu_asr.fileio import atomic_write, check_writable
 from lmu_asr.model.asr import LMUASR, count_flops
 from lmu_asr.train import checkpoint as ckpt
 from lmu_asr.train import dist
@@ -62,7 +65,9 @@ class Trainer:
         self.model = LMUASR(cfg.model, augment=SpecAugment(cfg.data.specaug))
         self.model.set_normalization(*self.shards.stats())
         self.step = self.epoch = self.batch_in_epoch = 0
-        self.bad_streak = self.bad_total = 0
+        self.bad_streak = self.bad_total = self.run_utts = 0
+        self.damaged_keys: set[str] = set()
+        self.dev_unreadable = 0  # samples found unreadable (at open or when read), for the summary
         self.best_wer = self.best_loss = math.inf
         self.resume = resume
         self._stop_signal: int | None = None
@@ -92,7 +97,7 @@ class Trainer:
                  f"shards: {self.shards.directory} ({len(self.shards.shard_names)} shard(s), "
                  f"{len(self.shards)} utterances, {self.shards.num_frames.sum() / 360_000:.2f} h)"]
         if self.shards.damaged_shards:
-            lines.append(f"damaged shards (skipped): {', '.join(self.shards.damaged_shards)}")
+            lines.append(f"damaged (skipped): {self.shards.damage_counts()} in {', '.join(self.shards.damaged_shards)}")
         lines += [f"epoch 0 on this rank: {stats.utterances} utterances in {len(batches)} batches, padding "
                   f"{100 * stats.padding_ratio:.1f} %, skipped: {stats.skipped or 'none'}",
                   f"dev: {self.dev.directory} ({len(self.dev)} utterances)" if self.dev else "dev: none",
@@ -136,16 +141,34 @@ class Trainer:
             self.dali = self._dali(state.get("dali"))
         if self.info.is_main:
             JsonlLog.truncate_after(self.run_dir / "log.jsonl", self.step)
+            JsonlLog.truncate_after(self.run_dir / "damaged.jsonl", self.step)
             evals = self.run_dir / "eval.jsonl"
             if evals.is_file():  # validations of the epoch being resumed are redone
                 keep = [r for r in read_jsonl(evals) if r.get("epoch", 0) < self.epoch]
-                evals.write_text("".join(json.dumps(r) + "\n" for r in keep))
+                atomic_write(evals, "".join(json.dumps(r) + "\n" for r in keep))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
                  self.batch_in_epoch)
 
     # ------------------------------------------------------------------ run
+    def check_data(self) -> None:
+        """Stop before any epoch (one line, exit 2) when there is nothing to train or validate on."""
+        batches, stats = epoch_plan(self.shards, self.cfg.data, self.cfg.model.downsample, 0, self.cfg.train.seed)
+        if stats.utterances == 0:
+            why = ", ".join(f"{k} {v}" for k, v in stats.skipped.items()) or "the index lists none"
+            raise TrainingStopped(f"no usable training utterance in {self.shards.directory} ({len(self.shards)} in "
+                                  f"its index; skipped: {why})")
+        if self.dev is not None:
+            lost = self.dev.damage_counts()
+            if not self.dev.usable.any():
+                raise TrainingStopped(f"no readable dev utterance in {self.dev.directory} ({len(self.dev)} in its "
+                                      f"index; unreadable: {', '.join(f'{k} {v}' for k, v in lost.items())})")
+            if lost:
+                log.warning("dev set %s: %d of %d utterances are unreadable (%s) and not scored",
+                            self.dev.directory, sum(lost.values()), len(self.dev), lost)
+
     def _setup(self) -> None:
         cfg = self.cfg
+        self.check_data()
         self.dali = self._dali() if cfg.train.loader == "dali" else None
         n_batches = len(self.dali) if self.dali is not None else len(self.epoch_batches(0)[0])
         self.steps_per_epoch = dist.all_reduce_min(n_batches, self.device) // cfg.optim.grad_accum
@@ -153,6 +176,15 @@ class Trainer:
         self.runner = StepRunner(self.model, cfg, self.device, self.info, total_steps, self.debug)
         if self.resume:
             self._restore()
+
+    def _check_run_dir(self) -> None:
+        """Before the first step: the run folder is writable and has room for a checkpoint (one-line errors)."""
+        ckpt_dir = check_writable(self.run_dir / "checkpoints", "the run folder")
+        need = 3 * sum(p.numel() * p.element_size() for p in self.model.parameters()) + (1 << 20)  # + Adam
+        free = shutil.disk_usage(ckpt_dir).free
+        if free < 2 * need:
+            raise UserError(f"the run folder {self.run_dir} has {free / 1e6:.1f} MB free; a checkpoint needs "
+                            f"{need / 1e6:.1f} MB and is written beside the previous one")
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
@@ -166,14 +198,21 @@ class Trainer:
 
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
-        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self._check_run_dir()
         if not self.resume and (self.run_dir / "checkpoints" / "last.pt").exists():
             raise UserError(f"{self.run_dir} already holds a run; use --resume to continue it or a new --out")
         self._setup()
         main = self.info.is_main
         if main:
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
         self.steplog = JsonlLog(self.run_dir / "log.jsonl", main)
+        self.damagelog = JsonlLog(self.run_dir / "damaged.jsonl", True)
+        for i in np.flatnonzero(self.shards.damage > 0):  # damage seen at open: listed once, key by key
+            key = self.shards.key(int(i))
+            self.damaged_keys.add(key)
+            if main and not self.resume:
+                self.damagelog.write({"step": 0, "rank": 0, "key": key,
+                                      "reason": OPEN_DAMAGE[int(self.shards.damage[i])]})
         self.evallog = JsonlLog(self.run_dir / "eval.jsonl", main)
         self.tb = TensorBoard(self.run_dir / "tensorboard", main)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -193,15 +232,22 @@ class Trainer:
             bar.close()
             self._flush()
             self.steplog.close()
+            self.damagelog.close()
             self.evallog.close()
             self.tb.close()
         if reason in ("max_steps", "done"):
+            if self.step and dist.all_reduce_sum([self.run_utts], self.device)[0] == 0 and not self.resume:
+                raise TrainingStopped(f"{self.step} step(s) ran but read no usable utterance ({len(self.damaged_keys)}"
+                                      f" damaged sample(s), see {self.run_dir / 'damaged.jsonl'})")
             self._save_last()
         return {"step": self.step, "epoch": self.epoch, "reason": reason, "best_wer": self.best_wer,
-                "non_finite_steps": self.bad_total, "seconds": time.perf_counter() - started}
+                "non_finite_steps": self.bad_total, "damaged_samples": len(self.damaged_keys),
+                "dev_unreadable": self.dev_unreadable,
+                "seconds": time.perf_counter() - started}
 
     def _train_epoch(self, stop_at: int, bar: tqdm, meter: Throughput) -> str:
         cfg, accum = self.cfg, self.cfg.optim.grad_accum
+        self.epoch_utts = 0 if self.batch_in_epoch == 0 else 1  # a resumed epoch already trained on some
         if self.dali is not None:
             n_batches, it = self.steps_per_epoch * accum, iter(self.dali)
         else:
@@ -219,6 +265,12 @@ class Trainer:
             self._optimizer_step(micro)
             self.batch_in_epoch += accum
             real = sum(b["real"] for b in micro)
+            self.epoch_utts += real
+            self.run_utts += real
+            for b in micro:
+                for d in b.get("damaged", ()):
+                    self.damaged_keys.add(d["key"])
+                    self.damagelog.write({"step": self.step, "rank": self.info.rank, **d})
             frames = sum(int(b["lengths"].sum()) for b in micro)
             meter.add(real, frames, sum(b["feats"].shape[0] * b["feats"].shape[1] for b in micro), wait)
             bar.update(1)
@@ -235,6 +287,9 @@ class Trainer:
         if self.dali is not None:
             for _ in it:  # finish DALI's epoch so the next one starts at its beginning
                 pass
+        if dist.all_reduce_sum([self.epoch_utts], self.device)[0] == 0:
+            raise TrainingStopped(f"epoch {self.epoch} read no usable utterance ({len(self.damaged_keys)} damaged "
+                                  f"sample(s), see {self.run_dir / 'damaged.jsonl'}); the shards are unreadable")
         return "epoch_end"
 
     _last_loss = float("nan")
@@ -277,6 +332,11 @@ class Trainer:
             res = evaluate(self.model, self.dev, self.cfg, self.device, self.cfg.train.eval_beam, self.runner.amp)
             record = {"epoch": epoch, "step": self.step, "dev_loss": res["loss"], "dev_wer": res["wer"],
                       "dev_cer": res["cer"], "utterances": res["utterances"]}
+            self.dev_unreadable = res["damaged"]["count"]
+            if res["damaged"]["count"]:
+                record["unreadable"] = res["damaged"]["count"]
+                log.warning("dev: %d utterance(s) unreadable and not scored: %s", res["damaged"]["count"],
+                            res["damaged"]["by_reason"])
             self.evallog.write(record)
             self.tb.scalars(self.step, {"dev/loss": res["loss"], "dev/wer": res["wer"], "dev/cer": res["cer"]})
             log.info("epoch %d: dev loss %.4f, WER %.2f %%, CER %.2f %%", epoch, res["loss"], 100 * res["wer"],

@@ -9,10 +9,11 @@ lines past the checkpoint's step are dropped first, so a killed-and-resumed run 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from lmu_asr.fileio import atomic_write, atomic_write_with
 
 
 class JsonlLog:
@@ -41,9 +42,7 @@ class JsonlLog:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -131,6 +130,6 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     fig.suptitle(run_dir.name)
     fig.tight_layout()
     out = out or run_dir / "curves.png"
-    fig.savefig(out, dpi=110)
+    atomic_write_with(out, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
     return out

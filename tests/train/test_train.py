@@ -116,7 +116,7 @@ def test_torchrun_cli(train_shards: Path, tmp_path: Path) -> None:
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_epoch_0.pt").is_file()
 
 
-def test_truncated_shard_is_skipped_with_a_warning(train_shards: Path, tmp_path: Path, caplog) -> None:
+def test_truncated_shard_loses_only_its_tail(train_shards: Path, tmp_path: Path, caplog) -> None:
     shards = tmp_path / "shards"
     shutil.copytree(train_shards, shards)
     victim = sorted(shards.glob("shard-*.tar"))[1]
@@ -125,7 +125,14 @@ def test_truncated_shard_is_skipped_with_a_warning(train_shards: Path, tmp_path:
     assert "truncated" in caplog.text and victim.name in caplog.text
     assert len(losses(tmp_path / "run")) == 3
     code, output = run_cli("train", "--shards", str(shards), "--out", str(tmp_path / "dry"), *TINY, "--dry-run")
-    assert "damaged shards (skipped): " + victim.name in output
+    assert "past_end_of_truncated_shard" in output and victim.name in output
+    line = next(x for x in output.splitlines() if x.startswith("epoch 0 on this rank"))
+    from lmu_asr.data.shards import ShardSet
+
+    clean, damaged = ShardSet.open(train_shards), ShardSet.open(shards)
+    lost = int((damaged.damage > 0).sum())
+    assert 0 < lost < int((clean.shard_id == 1).sum())  # the shard's head is still used
+    assert f"past_end_of_truncated_shard': {lost}" in line
     del out
 
 
