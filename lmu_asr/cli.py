@@ -368,6 +368,10 @@ def bench_train_cmd(out: Path, preset: str, batches: tuple[int, ...], frames: in
     dev = _bench_device(device)
     data = bench_train(cfg, out, dev, [(b, frames) for b in (batches or (48, 64, 96))], steps, windows,
                        peak_tflops)
+    est = data["memory_estimate"]
+    click.echo(f"memory estimate, preset {cfg.preset}: {est['activations_gb']:.2f} GB of {est['precision']} "
+               f"activations at {est['largest_shape']} + {est['weights_grads_adam_gb']:.2f} GB weights/grads/AdamW "
+               f"= {est['total_gb']:.2f} GB")
     for r in data["rows"]:
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] else "n/a"
         click.echo(f"b{r['batch']} x {r['frames']}: {r['it_per_s']:.2f} it/s, {r['utt_per_s']:.0f} utt/s, "
@@ -400,6 +404,52 @@ def bench_scale_cmd(out: Path, preset: str, frames: int, batches: str, precision
     data = bench_scale(cfg, out, _bench_device(device), frames, int_list(batches, "--batches"),
                        peak_tflops=peak_tflops)
     click.echo(f"knee at batch {data['knee_batch']}; out of memory at {data['out_of_memory_at'] or 'none'}")
+    click.echo("reports: " + ", ".join(data["files"]))
+
+
+@bench.command("gpu")
+@click.option("--out", default="bench/results/gpu", show_default=True, type=click.Path(path_type=Path))
+@click.option("--smoke", is_flag=True, help="The same stages at CPU size (CI): checks the kit, measures nothing.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@user_errors
+def bench_gpu_cmd(out: Path, smoke: bool, device: str) -> None:
+    """Every GPU measurement in one call of <= 8 minutes (bench/gpu.sh): train, syncs, memory, loader, compile."""
+    from lmu_asr.bench.gpu import run_kit
+
+    dev = _bench_device(device)
+    if dev.type != "cuda" and not smoke:
+        raise UserError("bench gpu needs a CUDA device (use --smoke to check the kit on a CPU)")
+    summary = run_kit(out, dev, smoke)
+    failed = [n for n, s in summary["stages"].items() if s["status"].startswith("failed")]
+    click.echo(f"{len(summary['stages'])} stages in {summary['seconds']:.0f} s; reports in {out}"
+               + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if failed:
+        sys.exit(1)
+
+
+@bench.command("compile")
+@click.option("--out", default="bench/results", show_default=True, type=click.Path(path_type=Path))
+@click.option("--preset", default="default", show_default=True)
+@click.option("--frames", default="128,400,3000", show_default=True, help="Padded lengths (frames), one shape each.")
+@click.option("--rows", type=POS, help="Rows per batch (default: the preset's batching for each length).")
+@click.option("--shapes", default="static", show_default=True, type=click.Choice(["static", "dynamic", "both"]),
+              help="Compile strategy to measure (both: side by side).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--set", "sets", multiple=True)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@user_errors
+def bench_compile_cmd(out: Path, preset: str, frames: str, rows: int | None, shapes: str, precision: str | None,
+                      sets: tuple[str, ...], device: str) -> None:
+    """Graphs, graph breaks, recompiles and compile time of the train step per shape (dynamo's counters)."""
+    from lmu_asr.bench.compile import bench_compile
+
+    cfg = _bench_cfg(preset, precision, True, sets)
+    strategies = ("static", "dynamic") if shapes == "both" else (shapes,)
+    data = bench_compile(cfg, out, _bench_device(device), int_list(frames, "--frames", 2), rows, strategies)
+    for r in data["rows"]:
+        click.echo(f"{r['strategy']:7s} {r['rows']:5d} x {r['frames']:5d}: {r['graphs']} graph(s), "
+                   f"{r['graph_breaks']} break(s), {r['recompiles']} recompile(s), compile {r['compile_s']:.1f} s, "
+                   f"step {r['step_ms']:.1f} ms")
     click.echo("reports: " + ", ".join(data["files"]))
 
 

@@ -14,8 +14,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 @dataclass
 class ModelConfig:
@@ -41,6 +39,8 @@ class ModelConfig:
     # also normalise by each utterance's own statistics (channel/speaker normalisation): none | mean | meanvar
     utterance_norm: str = "none"
     blank_bias: float = 3.0  # initial blank logit bias (≈ log 28: blank starts near 50 %); see model/asr.py
+    # recompute each block's activations in the backward instead of keeping them: less memory, ~1/3 more compute
+    activation_checkpointing: bool = False
     vocab_size: int = 29
 
 
@@ -68,6 +68,9 @@ class DataConfig:
     buckets: list[int] = field(default_factory=lambda: [128, 192, 256, 320, 400, 512, 640, 800, 1024, 1280,
                                                           1600, 2048, 2560, 3000])
     shuffle_buffer: int = 2000
+    # the last, partial batch of a bucket: "full" pads it to the bucket's rows (one compiled shape per bucket);
+    # "pow2" pads to the next power of two (less padding, a few more shapes: for eager runs)
+    partial_batches: str = "full"
     num_workers: int = 2
     prefetch: int = 4
     pin_memory: bool = True
@@ -92,8 +95,10 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int = 0  # total optimiser steps; 0: run all epochs
     seed: int = 1234
-    precision: str = "bf16"  # fp32 | bf16 | fp16 (bf16/fp16 fall back to fp32 on CPU unless forced)
+    precision: str = "bf16"  # fp32 | bf16 | fp16 (bf16/fp16 fall back to fp32 on CPU unless cpu_autocast)
+    cpu_autocast: bool = False  # bf16/fp16 autocast on CPU too (CI tests the mixed-precision paths this way)
     compile: str = "auto"  # auto: on for CUDA, off on CPU (measured slower there than eager MKL); on | off
+    compile_shapes: str = "static"  # static: one graph per planned (rows, bucket), all compiled at start | dynamic
     loader: str = "wds"  # wds | dali
     save_every: int = 500
     log_every: int = 1
@@ -114,14 +119,20 @@ class Config:
         return asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(json.loads(json.dumps(self.to_dict())), sort_keys=False)
+        """YAML (JSON, which YAML reads too, where PyYAML is missing: the GPU kit's minimal machines)."""
+        plain = json.loads(json.dumps(self.to_dict()))
+        try:
+            import yaml
+        except ImportError:
+            return json.dumps(plain, indent=2)
+        return yaml.safe_dump(plain, sort_keys=False)
 
 
 # What the CPU presets share: small heads and memory channels, one loader worker, short buckets, fp32.
 _CPU: dict[str, Any] = {
     "model.n_blocks": 3, "model.n_heads": 4, "model.lmu_memory_dim": 4, "model.dropout": 0.1,
     "data.num_workers": 1, "data.buckets": [64, 96, 128, 192, 256, 384, 512, 800, 1200, 1600, 2048, 3000],
-    "data.shuffle_buffer": 500, "data.pin_memory": False, "train.precision": "fp32",
+    "data.shuffle_buffer": 500, "data.pin_memory": False, "train.precision": "fp32", "data.partial_batches": "pow2",
 }
 
 # Presets are override dicts applied on top of the dataclass defaults; all are reachable with --preset NAME.
@@ -136,7 +147,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "a100-b96": {"data.batch_size": 96, "data.max_frames": 400},
     # Ours: frame-budget batching (dynamic batch size, static bucket shapes).
     "fast": {"data.batch_frames": 200_000, "data.max_frames": 3000},
-    "fast-h100": {"data.batch_frames": 600_000, "data.max_frames": 3000, "data.num_workers": 8},
+    # 300 k padded frames: 4.2 GB of bf16 activations by estimate (bench train prints it), within 5.5 GB with the
+    # backward's transient buffers; 600 k needed 8.3 GB. Activation checkpointing would fit 600 k at ~1/3 more
+    # compute; on a GPU this large a batch is already saturating, so the smaller batch is the faster choice.
+    "fast-h100": {"data.batch_frames": 300_000, "data.max_frames": 3000, "data.num_workers": 8},
     # Small model for the demo and the real-speech accuracy checks on a 2-core CPU (minutes, not hours).
     "cpu-small": {
         **_CPU, "model.d_model": 144, "model.lmu_order": 64, "model.lmu_theta": 100.0, "model.lmu_hidden": 144,
@@ -237,6 +251,8 @@ def load_config(preset: str = "default", yaml_path: str | Path | None = None,
         path = Path(yaml_path)
         if not path.is_file():
             raise ValueError(f"config file not found: {path}")
+        import yaml
+
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
@@ -318,6 +334,10 @@ def validate(cfg: Config) -> None:
         str(t.compile).lower(), str(t.compile).lower())
     if t.compile not in ("auto", "on", "off"):
         raise ValueError(f"train.compile must be auto, on or off, not {t.compile!r}")
+    if t.compile_shapes not in ("static", "dynamic"):
+        raise ValueError(f"train.compile_shapes must be static or dynamic, not {t.compile_shapes!r}")
+    if d.partial_batches not in ("full", "pow2"):
+        raise ValueError(f"data.partial_batches must be full or pow2, not {d.partial_batches!r}")
     if t.loader not in ("wds", "dali"):
         raise ValueError(f"train.loader must be wds or dali, not {t.loader!r}")
     if d.batch_size < 0 or d.batch_frames <= 0:

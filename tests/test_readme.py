@@ -49,6 +49,8 @@ def lmuasr_args(command: str) -> list[str] | None:
         return ["train", "--shards", "S", "--out", "R", *words[words.index(script) + 1:]], script
     if words[0].startswith("cluster/"):
         return ["train", "--shards", "S", "--out", "R", *words[1:]], words[0]
+    if words[0] == "bash" and words[1] == "bench/gpu.sh":  # the GPU kit: `lmuasr bench gpu` underneath
+        return ["bench", "gpu", *words[2:]], words[1]
     return None
 
 

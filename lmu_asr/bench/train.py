@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -20,24 +21,20 @@ from typing import Any
 
 import torch
 
-from lmu_asr.bench.report import SEED_REFERENCE, environment, markdown_table, peak_flops, write_report
+from lmu_asr.bench.report import (
+    SEED_REFERENCE,
+    environment,
+    markdown_table,
+    peak_flops,
+    torch_threads,
+    write_report,
+)
 from lmu_asr.config import Config
 from lmu_asr.data.specaug import SpecAugment
 from lmu_asr.model.asr import LMUASR, count_flops
 from lmu_asr.train.dist import DistInfo
-from lmu_asr.train.step import StepRunner
-
-
-def synthetic_batch(batch: int, frames: int, seed: int = 0) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(frames // 2, frames + 1, (batch,), generator=g)
-    feats = torch.randn(batch, frames, 80, generator=g).to(torch.float16)
-    feats *= (torch.arange(frames)[None, :] < lengths[:, None])[..., None]
-    tlens = lengths // 7  # ~14 characters per second of speech
-    targets = torch.randint(3, 29, (batch, frames // 2), generator=g)
-    targets *= torch.arange(frames // 2)[None, :] < tlens[:, None]
-    return {"feats": feats, "lengths": lengths, "targets": targets, "target_lengths": tlens, "real": batch,
-            "skipped": 0}
+from lmu_asr.train.metrics import JsonlLog
+from lmu_asr.train.step import MetricReader, StepRunner, step_record, synthetic_batch
 
 
 def cpu_matmul_peak() -> float:
@@ -59,32 +56,105 @@ def peak_memory_gb(device: torch.device) -> dict[str, float]:
 
 def time_steps(runner: StepRunner, batches: list[dict], steps: int, windows: int, device: torch.device,
                warmup: int) -> tuple[float, float, list[float]]:
-    """(seconds of the first step incl. compile, median seconds per step, per-window step times)."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    """(seconds of the first step incl. compile, median seconds per step, per-window step times).
+
+    Each step is what the trainer runs: the optimiser step, then the metric read-out (``MetricReader.push`` and
+    the ``log.jsonl`` record of every step the device has finished); a window ends when all its steps are read.
+    """
+    reader = MetricReader(device)
+    sink = JsonlLog(Path(os.devnull))
+    step = 0
+
+    def one(batch: dict) -> None:
+        nonlocal step
+        step += 1
+        out = runner([batch], seed=step)
+        meta = {"step": step, "epoch": 0, "lr": out["lr"], "utterances": batch["real"], "skipped_samples": 0}
+        for values, m in reader.push(out, meta):
+            sink.write(step_record(values, m))
+
+    def finish() -> None:
+        for values, m in reader.drain():
+            sink.write(step_record(values, m))
+
     t = time.perf_counter()
-    out = runner([batches[0]], seed=1)
-    float(out["loss"])
-    sync()
+    one(batches[0])
+    finish()
     first = time.perf_counter() - t
     for i in range(max(warmup - 1, 0)):
-        runner([batches[i % len(batches)]], seed=i)
-    sync()
+        one(batches[i % len(batches)])
+    finish()
     per_step = []
     for w in range(windows):
         t = time.perf_counter()
         for i in range(steps):
-            out = runner([batches[(w * steps + i) % len(batches)]], seed=i)
-        float(out["loss"])
-        sync()
+            one(batches[(w * steps + i) % len(batches)])
+        finish()
         per_step.append((time.perf_counter() - t) / steps)
+    sink.close()
     return first, statistics.median(per_step), per_step
 
 
+def _saved_bytes(model: LMUASR, rows: int, frames: int, dtype: torch.dtype | None) -> int:
+    """Bytes the autograd graph keeps for one forward of (rows, frames): activations, deduplicated by storage."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    feats = torch.randn(rows, frames, 80)
+    lengths = torch.full((rows,), frames)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        model(feats, lengths)
+    return sum(seen.values())
+
+
+def activation_estimate(cfg: Config) -> dict[str, Any]:
+    """GPU memory a training step of this config needs, estimated on the CPU (no GPU needed).
+
+    Saved activations are measured with saved-tensor hooks under the run's autocast dtype at 1 and 2 rows of each
+    planned bucket and extrapolated linearly to the bucket's rows (activations grow with rows; the LMU kernel
+    does not); weights, gradients and AdamW's two moments are 16 bytes per parameter. Transient buffers of the
+    backward and the allocator's slack are not counted: an estimate, to be checked by ``bench train`` on a GPU.
+    """
+    from lmu_asr.data.sampler import planned_shapes
+    from lmu_asr.train.step import autocast_dtype
+
+    torch.manual_seed(0)
+    model = LMUASR(cfg.model, augment=SpecAugment(cfg.data.specaug), max_frames=cfg.data.max_frames).train()
+    dtype = autocast_dtype(cfg.train.precision, torch.device("cuda"))
+    ckpt = cfg.model.activation_checkpointing
+    per_shape = []
+    with torch_threads(1):
+        def at(rows: int, frames: int) -> int:  # linear in rows: measured at 1 and 2, extrapolated
+            one, two = _saved_bytes(model, 1, frames, dtype), _saved_bytes(model, 2, frames, dtype)
+            return one + (two - one) * (rows - 1)
+
+        for rows, frames in planned_shapes(cfg.data, cfg.model.downsample):
+            kept = at(rows, frames)
+            if ckpt:  # the backward recomputes one block at a time: add one block's activations at the peak
+                model.cfg.activation_checkpointing = False
+                full = at(rows, frames)
+                model.cfg.activation_checkpointing = True
+                kept += max(0, full - kept) / cfg.model.n_blocks
+            per_shape.append({"rows": rows, "frames": frames, "activations_gb": kept / 1e9})
+    states = 16 * model.num_parameters() / 1e9
+    top = max(per_shape, key=lambda r: r["activations_gb"])
+    return {"largest_shape": f"{top['rows']}x{top['frames']}", "activations_gb": top["activations_gb"],
+            "weights_grads_adam_gb": states, "total_gb": top["activations_gb"] + states,
+            "precision": cfg.train.precision, "activation_checkpointing": cfg.model.activation_checkpointing,
+            "per_shape": per_shape}
+
+
 def bench_train_config(cfg: Config, batch: int, frames: int, device: torch.device, steps: int = 10,
-                       windows: int = 3, warmup: int = 3, peak_tflops: float | None = None) -> dict[str, Any]:
+                       windows: int = 3, warmup: int = 3, peak_tflops: float | None = None,
+                       keep_runner: bool = False) -> dict[str, Any]:
     """Throughput of one configuration on synthetic batches (static shape, as the bucketed loader gives)."""
     torch.manual_seed(0)
-    model = LMUASR(cfg.model, augment=SpecAugment(cfg.data.specaug))
+    model = LMUASR(cfg.model, augment=SpecAugment(cfg.data.specaug), max_frames=max(cfg.data.max_frames, frames))
     flops_step = count_flops(model, batch, frames)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -102,7 +172,8 @@ def bench_train_config(cfg: Config, batch: int, frames: int, device: torch.devic
             "gflops_per_utt": flops_step / batch / 1e9, "achieved_tflops": flops_step / step_s / 1e12,
             "peak_tflops": peak / 1e12 if peak else None, "mfu": flops_step / step_s / peak if peak else None,
             "peak_basis": "device table (bf16 dense)" if device.type == "cuda" or peak_tflops else
-            "measured fp32 matmul on this CPU", **peak_memory_gb(device)}
+            "measured fp32 matmul on this CPU", **peak_memory_gb(device),
+            **({"runner": runner} if keep_runner else {})}
 
 
 def bench_train_shards(cfg: Config, shards_dir: Path, device: torch.device, steps: int = 30,
@@ -114,7 +185,7 @@ def bench_train_shards(cfg: Config, shards_dir: Path, device: torch.device, step
 
     shards = ShardSet.open(shards_dir)
     torch.manual_seed(0)
-    model = LMUASR(cfg.model, augment=SpecAugment(cfg.data.specaug))
+    model = LMUASR(cfg.model, augment=SpecAugment(cfg.data.specaug), max_frames=cfg.data.max_frames)
     model.set_normalization(*shards.stats())
     runner = StepRunner(model, cfg, device, DistInfo(), total_steps=10_000)
     batches, stats = epoch_plan(shards, cfg.data, cfg.model.downsample, 0, 0)
@@ -172,12 +243,18 @@ COLUMNS = [("batch", "batch"), ("frames", "frames"), ("precision", "precision"),
 
 
 def bench_train(cfg: Config, out_dir: Path, device: torch.device, configs: list[tuple[int, int]], steps: int = 10,
-                windows: int = 3, peak_tflops: float | None = None, name: str = "train") -> dict[str, Any]:
-    rows = [bench_train_config(cfg, b, f, device, steps, windows, peak_tflops=peak_tflops) for b, f in configs]
+                windows: int = 3, peak_tflops: float | None = None, name: str = "train",
+                keep_runner: bool = False) -> dict[str, Any]:
+    """Rows of ``bench_train_config`` beside the seed's figures; ``keep_runner``: also return the first row's
+    (compiled) ``StepRunner`` under ``runner``, for a caller that measures more on it."""
+    rows = [bench_train_config(cfg, b, f, device, steps, windows, peak_tflops=peak_tflops, keep_runner=keep_runner)
+            for b, f in configs]
+    runners = [r.pop("runner", None) for r in rows]
     mem_key = "max_allocated_gb" if device.type == "cuda" else "max_rss_gb"
     comparison = seed_comparison(rows)
+    estimate = activation_estimate(cfg)
     data = {"env": environment(device), "preset": cfg.preset, "config": cfg.to_dict(), "rows": rows,
-            "seed_comparison": comparison}
+            "seed_comparison": comparison, "memory_estimate": estimate}
     note = ("" if device.type == "cuda" else "\n\nCPU run: absolute numbers describe this machine only; the seed's "
             "figures are GPU figures, so the comparison column is not meaningful here.")
     body = (f"Real optimiser step (`StepRunner`: forward, CTC loss, backward, clip, fused AdamW) on synthetic "
@@ -187,7 +264,11 @@ def bench_train(cfg: Config, out_dir: Path, device: torch.device, configs: list[
             + markdown_table(comparison, [("config", "config"), ("seed_it_s", "seed it/s"),
                                           ("seed_utt_s", "seed utt/s"), ("seed_mem_gb", "seed GB"),
                                           ("ours_it_s", "ours it/s"), ("ours_utt_s", "ours utt/s"),
-                                          ("ours_mem_gb", "ours GB"), ("speedup_utt", "x utt/s")]) + note)
+                                          ("ours_mem_gb", "ours GB"), ("speedup_utt", "x utt/s")]) + note
+            + f"\n\nMemory by estimate for preset `{cfg.preset}` (no GPU needed; `activation_estimate`): "
+              f"{estimate['activations_gb']:.2f} GB of {estimate['precision']} activations at its largest planned "
+              f"shape ({estimate['largest_shape']}) + {estimate['weights_grads_adam_gb']:.2f} GB of weights, "
+              f"gradients and AdamW state = {estimate['total_gb']:.2f} GB.")
 
     def plot(fig: Any) -> None:
         ax = fig.subplots()
@@ -201,6 +282,8 @@ def bench_train(cfg: Config, out_dir: Path, device: torch.device, configs: list[
         ax.set_title(str(data["env"]["device"])[:70], fontsize=9)
 
     data["files"] = [str(p) for p in write_report(out_dir, name, "Training step throughput", data, body, plot)]
+    if keep_runner:
+        data["runner"] = runners[0]
     return data
 
 

@@ -116,7 +116,8 @@ class DaliSource:
             if lengths[row] > 0 and len(ids) <= S:
                 targets[row, : len(ids)] = ids
                 target_lengths[row] = len(ids)
-        return {"feats": feats, "lengths": lengths.to(feats.device), "targets": torch.from_numpy(targets),
+        return {"feats": feats, "lengths": lengths.to(feats.device), "lengths_host": lengths,
+                "targets": torch.from_numpy(targets),
                 "target_lengths": torch.from_numpy(target_lengths), "index": k,
                 "real": int((lengths > 0).sum()), "skipped": int(too_long.sum()),
                 "texts": [m["text"] for m in metas], "keys": keys}

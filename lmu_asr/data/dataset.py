@@ -79,5 +79,9 @@ def make_loader(dataset: BatchDataset, start: int = 0, num_workers: int = 2, pre
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Move the tensors of a batch (non_blocking from pinned memory); features stay float16 on the wire."""
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    """Move the tensors of a batch (non_blocking from pinned memory); features stay float16 on the wire.
+
+    Keys ending in ``_host`` stay where they are: host copies the step reads without touching the device.
+    """
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and not k.endswith("_host") else v)
+            for k, v in batch.items()}

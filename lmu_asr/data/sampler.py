@@ -12,8 +12,8 @@ replayed. The plan mirrors a WebDataset pipeline:
 4. utterances are bucketed by length: a batch holds utterances of one bucket, padded to the bucket's length, and
    the number of rows per bucket is fixed (``batch_frames // bucket`` or ``batch_size``), so ``torch.compile``
    sees one static shape per bucket; the partial batch a bucket is left with at the end of an epoch is filled
-   with empty rows (length 0) up to a power of two (a few more shapes, seen once per epoch, instead of a
-   nearly empty full-size batch).
+   with empty rows (length 0) up to the bucket's rows (``partial_batches="full"``: no extra shape; the cost is
+   one padded batch per bucket per epoch) or up to a power of two (``"pow2"``, for eager CPU runs).
 
 Utterances are skipped (and counted) when longer than ``max_frames`` (never truncated: that would leave the full
 transcript on a cut utterance), shorter than ``min_frames``, or too short for their transcript under CTC.
@@ -62,6 +62,27 @@ def bucket_lengths(cfg: DataConfig, downsample: int) -> list[int]:
 
 def capacity(cfg: DataConfig, bucket: int) -> int:
     return cfg.batch_size if cfg.batch_size > 0 else max(1, cfg.batch_frames // bucket)
+
+
+def planned_shapes(cfg: DataConfig, downsample: int, num_frames: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Every (rows, padded frames) a training batch can have: what torch.compile is warmed up on.
+
+    ``num_frames`` (the eligible utterances' lengths): only the buckets some utterance falls into, which is the
+    same set in every epoch and on every rank, whatever the shuffling. One shape per bucket with
+    ``partial_batches="full"``; with ``"pow2"`` the partial batches add the powers of two below a bucket's rows
+    (they depend on the epoch's tail, so they cannot all be known: that mode is for eager runs).
+    """
+    buckets = bucket_lengths(cfg, downsample)
+    if num_frames is not None:
+        used = np.unique(np.searchsorted(buckets, num_frames, side="left"))
+        buckets = [buckets[i] for i in used.tolist() if i < len(buckets)]
+    shapes = []
+    for bucket in buckets:
+        rows = capacity(cfg, bucket)
+        shapes.append((rows, bucket))
+        if cfg.partial_batches == "pow2":
+            shapes += [(1 << k, bucket) for k in range(rows.bit_length()) if 1 << k < rows]
+    return sorted(set(shapes), key=lambda s: (s[1], s[0]))
 
 
 def eligible(shards: ShardSet, cfg: DataConfig, downsample: int) -> tuple[np.ndarray, dict[str, int]]:
@@ -126,9 +147,11 @@ def make_batches(order: np.ndarray, shards: ShardSet, cfg: DataConfig, downsampl
         if len(pending[b]) == capacity(cfg, buckets[b]):
             batches.append(Batch(buckets[b], len(pending[b]), np.asarray(pending[b], dtype=np.int64)))
             pending[b] = []
-    for b, rest in enumerate(pending):  # partial batches last, padded with empty rows to a power of two
+    for b, rest in enumerate(pending):  # partial batches last, padded with empty rows (see partial_batches)
         if rest:
-            rows = min(capacity(cfg, buckets[b]), 1 << (len(rest) - 1).bit_length())
+            rows = capacity(cfg, buckets[b])
+            if cfg.partial_batches == "pow2":
+                rows = min(rows, 1 << (len(rest) - 1).bit_length())
             batches.append(Batch(buckets[b], rows, np.asarray(rest, dtype=np.int64)))
     stats.utterances += len(order)
     stats.frames += int(shards.num_frames[order].sum())

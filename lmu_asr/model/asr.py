@@ -26,14 +26,14 @@ from lmu_asr.text import BLANK
 class LMUASR(nn.Module):
     """fbank (B, T, 80) + lengths -> CTC logits (B, ceil(T/2), 29) + output lengths."""
 
-    def __init__(self, cfg: ModelConfig, augment: nn.Module | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, augment: nn.Module | None = None, max_frames: int = 3000) -> None:
         super().__init__()
         self.cfg = cfg
         self.augment = augment  # e.g. SpecAugment: applied to normalised features in training mode only
         # Per-feature statistics from prep (meta.json); stored in the checkpoint so inference needs nothing else.
         self.register_buffer("feat_mean", torch.zeros(cfg.n_mels))
         self.register_buffer("feat_std", torch.ones(cfg.n_mels))
-        self.encoder = Encoder(cfg)
+        self.encoder = Encoder(cfg, max_frames)  # max_frames: the longest input trained on (sizes caches)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
         init_output_bias(self.head, cfg.blank_bias)
 
@@ -128,19 +128,26 @@ def _ctc_backward(ctx, grad_losses: Tensor, _grad_grad: Tensor):  # noqa: ANN001
 torch.library.register_autograd("lmu_asr::ctc_loss_and_grad", _ctc_backward, setup_context=_ctc_setup)
 
 
-def ctc_loss(logits: Tensor, out_lengths: Tensor, targets: Tensor, target_lengths: Tensor) -> Tensor:
+def ctc_loss(logits: Tensor, out_lengths: Tensor, targets: Tensor, target_lengths: Tensor,
+             host_out_lengths: Tensor | None = None, host_target_lengths: Tensor | None = None) -> Tensor:
     """Mean over utterances of CTC loss / target length, in float32; rows with target length 0 are ignored.
 
     ``targets`` holds each utterance's labels with its true length in ``target_lengths``: either concatenated
     (1-D, no padding at all) or as a (B, S) matrix whose entries past each length are ignored by CTC. The train
     step uses the matrix form because its shape is static (one compiled graph per bucket).
+
+    ``host_out_lengths`` / ``host_target_lengths``: the same lengths as CPU tensors. ATen's CTC kernels take
+    their lengths on the host; given device tensors they copy them to the host first, which waits for the device
+    (4 blocking copies per step). The train step passes the host copies the loader already has.
     """
+    in_lengths = out_lengths if host_out_lengths is None else host_out_lengths
+    tl = target_lengths if host_target_lengths is None else host_target_lengths
     with torch.autocast(device_type=logits.device.type, enabled=False):
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, V)
         if torch.is_grad_enabled() and log_probs.requires_grad:
-            losses = _ctc_loss_and_grad(log_probs, targets, out_lengths, target_lengths)[0]
+            losses = _ctc_loss_and_grad(log_probs, targets, in_lengths, tl)[0]
         else:
-            losses = F.ctc_loss(log_probs, targets, out_lengths, target_lengths, blank=BLANK, reduction="none",
+            losses = F.ctc_loss(log_probs, targets, in_lengths, tl, blank=BLANK, reduction="none",
                                 zero_infinity=True)
         valid = target_lengths > 0
         per_utt = losses / target_lengths.clamp(min=1).to(losses.dtype)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lmu_asr.config import ModelConfig
@@ -92,11 +93,11 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, max_len: int = 1024) -> None:
         super().__init__()
         self.norm_lmu = nn.LayerNorm(cfg.d_model)
         self.lmu = LMULayer(cfg.d_model, cfg.lmu_hidden, cfg.lmu_order, cfg.lmu_theta, cfg.lmu_memory_dim,
-                            mode=resolve_lmu_mode(cfg), chunk=cfg.lmu_chunk)
+                            mode=resolve_lmu_mode(cfg), chunk=cfg.lmu_chunk, max_len=max_len)
         self.lmu_out = nn.Identity() if cfg.lmu_hidden == cfg.d_model else nn.Linear(cfg.lmu_hidden, cfg.d_model)
         self.norm_attn = nn.LayerNorm(cfg.d_model)
         self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout)
@@ -128,11 +129,12 @@ class StreamState:
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, max_frames: int = 3000) -> None:
         super().__init__()
         self.cfg = cfg
         self.downsample = Downsample(cfg.n_mels, cfg.d_model, cfg.downsample)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
+        max_len = -(-max_frames // cfg.downsample)  # the LMU's cached kernel covers every training bucket
+        self.blocks = nn.ModuleList(Block(cfg, max_len) for _ in range(cfg.n_blocks))
         self.norm = nn.LayerNorm(cfg.d_model)
 
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,7 +143,11 @@ class Encoder(nn.Module):
         out_lengths = downsampled_lengths(lengths, self.cfg.downsample)
         mask = attention_mask(out_lengths, h.shape[1], self.cfg.attention, self.cfg.attn_left)
         for block in self.blocks:
-            h = block(h, mask)
+            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only each block's input; recompute the rest in the backward (same dropout masks)
+                h = torch.utils.checkpoint.checkpoint(block, h, mask, use_reentrant=False)
+            else:
+                h = block(h, mask)
         return self.norm(h), out_lengths
 
     # ---------------------------------------------------------------- streaming

@@ -89,11 +89,12 @@ class LegendreMemory(nn.Module):
     there is no circular wrap-around, and the convolution is causal, so frames appended at the end (padding) never
     change earlier memories. ``step(u_t, state)`` runs the recurrence for streaming.
 
-    The impulse response is computed in float64 and cached up to a power-of-two capacity that grows on demand:
-    no sequence length is baked in.
+    The impulse response is computed in float64 and cached up to a power-of-two capacity, sized at build time for
+    the longest sequence training will see (``max_len``): growing it inside a compiled step would break the graph
+    and force a recompile. Inference on longer audio grows it on demand, outside any compiled region.
     """
 
-    def __init__(self, order: int, theta: float) -> None:
+    def __init__(self, order: int, theta: float, max_len: int = 1024) -> None:
         super().__init__()
         self.order = int(order)
         self.theta = float(theta)
@@ -104,7 +105,7 @@ class LegendreMemory(nn.Module):
         self.register_buffer("Bbar64", Bbar, persistent=False)
         self.register_buffer("Abar", Abar.float(), persistent=False)
         self.register_buffer("Bbar", Bbar.float(), persistent=False)
-        self.register_buffer("H", impulse_response(Abar, Bbar, 1024).float(), persistent=False)
+        self.register_buffer("H", impulse_response(Abar, Bbar, _next_capacity(max_len)).float(), persistent=False)
 
     @torch.compiler.disable
     def ensure_length(self, length: int) -> None:
@@ -150,13 +151,13 @@ class LMULayer(nn.Module):
     MODES = ("fft", "chunk", "memory")
 
     def __init__(self, d_model: int, hidden: int, order: int, theta: float, memory_dim: int = 1,
-                 mode: str = "fft", chunk: int = 64, activation: str = "gelu") -> None:
+                 mode: str = "fft", chunk: int = 64, activation: str = "gelu", max_len: int = 1024) -> None:
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"unknown LMU mode {mode!r}; choose from {self.MODES}")
         self.mode, self.chunk = mode, int(chunk)
         self.memory_dim, self.hidden, self.order = memory_dim, hidden, order
-        self.memory = LegendreMemory(order, theta)
+        self.memory = LegendreMemory(order, theta, max_len)
         self.u_proj = nn.Linear(d_model, memory_dim)
         self.mem_proj = nn.Linear(memory_dim * order, hidden, bias=False)  # W_m
         self.in_proj = nn.Linear(d_model, hidden)  # W_x, b

@@ -81,27 +81,45 @@ def init(info: DistInfo, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, **kwargs)
+    global _CONTROL
+    # host-side agreement (step counts, the preemption flag) over gloo on CPU tensors: with NCCL such a scalar
+    # would round-trip through the GPU stream and make the host wait for every queued kernel
+    _CONTROL = dist.new_group(backend="gloo") if backend == "nccl" else None
+
+
+_CONTROL = None
 
 
 def shutdown() -> None:
+    global _CONTROL
     if dist.is_initialized():
         dist.destroy_process_group()
+    _CONTROL = None
 
 
-def all_reduce_min(value: int, device: torch.device) -> int:
+def _reduce(values: list[float], op: dist.ReduceOp, dtype: torch.dtype) -> list[float]:
+    t = torch.tensor(values, dtype=dtype)  # on the host: never waits for the device
+    dist.all_reduce(t, op=op, group=_CONTROL)
+    return t.tolist()
+
+
+def all_reduce_min(value: int, device: torch.device | None = None) -> int:
+    """The minimum over ranks of a host integer (``device`` is accepted for old callers; unused)."""
     if not dist.is_initialized():
         return value
-    t = torch.tensor([value], device=device, dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+    return int(_reduce([value], dist.ReduceOp.MIN, torch.int64)[0])
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+def all_reduce_max(value: int) -> int:
+    if not dist.is_initialized():
+        return value
+    return int(_reduce([value], dist.ReduceOp.MAX, torch.int64)[0])
+
+
+def all_reduce_sum(values: list[float], device: torch.device | None = None) -> list[float]:
     if not dist.is_initialized():
         return values
-    t = torch.tensor(values, device=device, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
+    return _reduce(values, dist.ReduceOp.SUM, torch.float64)
 
 
 def all_gather_objects(obj: object) -> list[object]:

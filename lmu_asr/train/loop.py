@@ -28,7 +28,7 @@ from tqdm import tqdm
 from lmu_asr import UserError
 from lmu_asr.config import Config
 from lmu_asr.data.dataset import BatchDataset, make_loader
-from lmu_asr.data.sampler import epoch_plan
+from lmu_asr.data.sampler import capacity, eligible, epoch_plan, planned_shapes
 from lmu_asr.data.shards import OPEN_DAMAGE, ShardSet
 from lmu_asr.data.specaug import SpecAugment
 from lmu_asr.fileio import atomic_write, check_writable
@@ -37,7 +37,7 @@ from lmu_asr.train import checkpoint as ckpt
 from lmu_asr.train import dist
 from lmu_asr.train.evaluate import evaluate
 from lmu_asr.train.metrics import JsonlLog, TensorBoard, Throughput, read_jsonl
-from lmu_asr.train.step import StepRunner, step_seed
+from lmu_asr.train.step import MetricReader, StepRunner, step_record, step_seed
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Trainer:
         self.shards = ShardSet.open(shards_dir)
         self.dev = ShardSet.open(dev_dir) if dev_dir is not None else None
         torch.manual_seed(cfg.train.seed)  # the initial weights are part of the run's identity
-        self.model = LMUASR(cfg.model, augment=SpecAugment(cfg.data.specaug))
+        self.model = LMUASR(cfg.model, augment=SpecAugment(cfg.data.specaug), max_frames=cfg.data.max_frames)
         self.model.set_normalization(*self.shards.stats())
         self.step = self.epoch = self.batch_in_epoch = 0
         self.bad_streak = self.bad_total = self.run_utts = 0
@@ -72,7 +72,6 @@ class Trainer:
         self.resume = resume
         self._stop_signal: int | None = None
         self.dali = None
-        self._pending: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ planning
     def _dali(self, checkpoint: str | None = None):  # noqa: ANN202
@@ -102,9 +101,27 @@ class Trainer:
                   f"{100 * stats.padding_ratio:.1f} %, skipped: {stats.skipped or 'none'}",
                   f"dev: {self.dev.directory} ({len(self.dev)} utterances)" if self.dev else "dev: none",
                   "", "# model", f"parameters: {m.num_parameters():,}",
+                  self._compile_line(),
                   f"training FLOPs per utterance of 4 s (400 frames): {flops / 1e9:.2f} GFLOP",
                   f"device: {self.device}, world size {self.info.world_size} ({self.info.launcher})"]
         return "\n".join(lines)
+
+    def planned(self) -> list[tuple[int, int]]:
+        """The batch shapes of this run: one per bucket that holds an eligible utterance (see planned_shapes)."""
+        mask, _ = eligible(self.shards, self.cfg.data, self.cfg.model.downsample)
+        return planned_shapes(self.cfg.data, self.cfg.model.downsample, self.shards.num_frames[mask])
+
+    def _compile_line(self) -> str:
+        from lmu_asr.config import compile_enabled
+
+        if not compile_enabled(self.cfg, self.device.type):
+            return "torch.compile: off (eager)"
+        shapes = self.planned()
+        if self.cfg.train.compile_shapes == "dynamic":
+            return f"torch.compile: 1 graph with a dynamic time axis (covers {len(shapes)} planned shapes)"
+        listed = ", ".join(f"{r}x{f}" for r, f in shapes[:12]) + (" ..." if len(shapes) > 12 else "")
+        return (f"torch.compile: {len(shapes)} graph(s), one per planned shape (rows x frames), all compiled "
+                f"before the first step: {listed}")
 
     # ------------------------------------------------------------------ state
     def _payload(self) -> dict[str, Any]:
@@ -174,8 +191,16 @@ class Trainer:
         self.steps_per_epoch = dist.all_reduce_min(n_batches, self.device) // cfg.optim.grad_accum
         total_steps = cfg.optim.total_steps or max(1, self.steps_per_epoch * cfg.train.epochs)
         self.runner = StepRunner(self.model, cfg, self.device, self.info, total_steps, self.debug)
+        self.reader = MetricReader(self.device)
         if self.resume:
             self._restore()
+        if self.runner.compiled and self.dali is None:
+            shapes = [s for s in self.planned() if s[0] == capacity(cfg.data, s[1])]  # partial pow2: lazily
+            if cfg.data.partial_batches == "pow2":
+                log.warning("data.partial_batches=pow2 with torch.compile: partial batches compile mid-epoch; "
+                            "use data.partial_batches=full for one graph per bucket")
+            seconds = self.runner.warm_up(shapes)
+            log.info("compiled the train step for %d planned shape(s) in %.1f s", len(shapes), seconds)
 
     def _check_run_dir(self) -> None:
         """Before the first step: the run folder is writable and has room for a checkpoint (one-line errors)."""
@@ -271,7 +296,7 @@ class Trainer:
                 for d in b.get("damaged", ()):
                     self.damaged_keys.add(d["key"])
                     self.damagelog.write({"step": self.step, "rank": self.info.rank, **d})
-            frames = sum(int(b["lengths"].sum()) for b in micro)
+            frames = sum(int(b.get("lengths_host", b["lengths"]).sum()) for b in micro)  # host copies
             meter.add(real, frames, sum(b["feats"].shape[0] * b["feats"].shape[1] for b in micro), wait)
             bar.update(1)
             if self.step % max(cfg.train.log_every, 1) == 0:
@@ -296,34 +321,31 @@ class Trainer:
 
     def _optimizer_step(self, micro: list[dict]) -> None:
         out = self.runner(micro, step_seed(self.cfg.train.seed, self.step + 1, self.info.rank))
-        self._flush()  # the previous step's record: reading it waits for that step only
         self.step += 1
-        self._pending = {**out, "step": self.step, "epoch": self.epoch, "utts": sum(b["real"] for b in micro),
-                         "skipped_samples": sum(b["skipped"] for b in micro)}
+        meta = {"step": self.step, "epoch": self.epoch, "lr": out["lr"], "utterances": sum(b["real"] for b in micro),
+                "skipped_samples": sum(b["skipped"] for b in micro)}
+        self._log(self.reader.push(out, meta))  # the steps the device has finished by now; never waits
 
     def _flush(self) -> None:
-        p, self._pending = self._pending, None
-        if p is None:
-            return
-        if p["work"] is not None:
-            p["work"].wait()
-        bad = bool(p["bad"])
-        loss = float(p["loss"])
-        self.bad_streak = self.bad_streak + 1 if bad else 0
-        self.bad_total += int(bad)
-        self._last_loss = loss
-        record = {"step": p["step"], "epoch": p["epoch"], "loss": loss, "lr": p["lr"],
-                  "grad_norm": float(p["grad_norm"]), "utterances": p["utts"], "non_finite": bad}
-        if p["skipped_samples"]:
-            record["skipped_samples"] = p["skipped_samples"]
-        self.steplog.write(record)
-        self.tb.scalars(p["step"], {"train/loss": loss, "train/lr": p["lr"]})
-        if bad:
-            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", p["step"],
-                        self.bad_streak)
-        if self.bad_streak >= self.cfg.train.max_bad_steps:
-            raise TrainingStopped(f"{self.bad_streak} optimiser steps in a row had a non-finite loss or gradient "
-                                  f"(step {p['step']}); lower --lr, use --precision bf16/fp32 or check the data")
+        """Wait for the steps still on the device and log them (before a checkpoint, a validation, the end)."""
+        self._log(self.reader.drain())
+
+    def _log(self, ready: list[tuple[list[float], dict]]) -> None:
+        for values, meta in ready:
+            record = step_record(values, meta)
+            bad = record["non_finite"]
+            self.bad_streak = self.bad_streak + 1 if bad else 0
+            self.bad_total += int(bad)
+            self._last_loss = record["loss"]
+            self.steplog.write(record)
+            self.tb.scalars(record["step"], {"train/loss": record["loss"], "train/lr": record["lr"]})
+            if bad:
+                log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", record["step"],
+                            self.bad_streak)
+            if self.bad_streak >= self.cfg.train.max_bad_steps:
+                raise TrainingStopped(f"{self.bad_streak} optimiser steps in a row had a non-finite loss or "
+                                      f"gradient (step {record['step']}); lower --lr, use --precision bf16/fp32 or "
+                                      "check the data")
 
     def _end_epoch(self) -> None:
         self._flush()
@@ -363,11 +385,10 @@ class Trainer:
             ckpt.atomic_save(payload, ckpt_dir / "last.pt")
 
     def _preempted(self) -> bool:
+        """Every 10 steps the ranks agree (on the host, over gloo) whether any of them received the signal."""
         flag = 1 if self._stop_signal is not None else 0
         if self.info.distributed and self.step % 10 == 0:
-            t = torch.tensor([flag], device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            return bool(t.item())
+            return bool(dist.all_reduce_max(flag))
         return bool(flag) and not self.info.distributed
 
     def _requeue(self) -> None:

@@ -1,17 +1,29 @@
-"""The optimiser step: what ``lmuasr train`` runs and ``lmuasr bench train`` times (the same code).
+"""The optimiser step and its read-out: what ``lmuasr train`` runs and ``lmuasr bench train`` times (the same code).
 
-Forward + CTC loss is one compiled graph (``CTCTrainStep``, wrapped in DDP when distributed). The step never
-waits for the device: a non-finite loss or gradient is skipped by fused AdamW on the device (``found_inf``), or by
-the GradScaler under fp16, and the caller reads the returned tensors later (one step behind). The global RNG is
-reseeded from the step's seed before the forward, so dropout and SpecAugment draw the same numbers in a resumed
-run as in an uninterrupted one.
+Forward + CTC loss is one compiled graph (``CTCTrainStep``, wrapped in DDP when distributed). Nothing in a
+steady-state step waits for the device:
+
+* the CTC lengths are the loader's host copies (ATen's CTC reads its lengths on the host; given device tensors it
+  would copy them back, blocking, four times a step);
+* a non-finite loss or gradient is skipped on the device (fused AdamW's ``found_inf``, or the GradScaler);
+* loss, gradient norm and the bad-step flag go into a pinned host buffer by a non-blocking copy, with a CUDA
+  event behind it; :class:`MetricReader` hands a step's values over only once its event has completed, so the
+  trainer logs each step a few steps late instead of stalling the queue (``drain()`` waits, at checkpoints and
+  the end of a run).
+
+Shapes are planned (``lmu_asr.data.sampler.planned_shapes``): with ``compile_shapes="static"`` every shape is
+compiled once by :meth:`StepRunner.warm_up` before training (``--dry-run`` prints the count), so no step
+recompiles; ``"dynamic"`` compiles one graph with a dynamic time axis instead. The global RNG is reseeded from
+the step's seed before the forward, so dropout and SpecAugment draw the same numbers in a resumed run.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
+import time
 from typing import Any
 
 import torch
@@ -20,6 +32,7 @@ from torch import nn
 from lmu_asr.config import Config, OptimConfig, compile_enabled
 from lmu_asr.data.dataset import to_device
 from lmu_asr.model.asr import LMUASR, ctc_loss
+from lmu_asr.model.encoder import downsampled_lengths
 from lmu_asr.train.dist import DistInfo
 
 log = logging.getLogger(__name__)
@@ -33,9 +46,10 @@ class CTCTrainStep(nn.Module):
         self.model = model
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
-                target_lengths: torch.Tensor) -> torch.Tensor:
+                target_lengths: torch.Tensor, host_out_lengths: torch.Tensor | None = None,
+                host_target_lengths: torch.Tensor | None = None) -> torch.Tensor:
         logits, out_lengths = self.model(feats, lengths)
-        return ctc_loss(logits, out_lengths, targets, target_lengths)
+        return ctc_loss(logits, out_lengths, targets, target_lengths, host_out_lengths, host_target_lengths)
 
 
 def lr_factor(cfg: OptimConfig, total_steps: int):  # noqa: ANN201 (returns a lambda for LambdaLR)
@@ -63,10 +77,33 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or precision == "fp32":
-        return None  # CPU runs fp32: autocast there is slower and not what a GPU run would compute anyway
+def autocast_dtype(precision: str, device: torch.device, cpu_autocast: bool = False) -> torch.dtype | None:
+    """The autocast dtype of a run: None for fp32, and on CPU unless ``train.cpu_autocast`` asks for it."""
+    if precision == "fp32" or (device.type != "cuda" and not cpu_autocast):
+        return None  # CPU runs fp32 by default: autocast there is slower and not what a GPU run computes
     return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def host_lengths(batch: dict, downsample: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CTC input lengths, target lengths) on the host, from the loader's CPU copies (no device read)."""
+    lengths = batch.get("lengths_host", batch["lengths"])
+    targets = batch.get("target_lengths_host", batch["target_lengths"])
+    if lengths.device.type != "cpu" or targets.device.type != "cpu":
+        raise ValueError("a batch must carry its lengths on the host (lengths_host)")
+    return downsampled_lengths(lengths, downsample), targets
+
+
+def synthetic_batch(rows: int, frames: int, seed: int = 0) -> dict[str, Any]:
+    """A batch of one shape: random features, lengths uniform in [frames/2, frames], ~14 characters per second."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(1, frames // 2), frames + 1, (rows,), generator=g)
+    feats = torch.randn(rows, frames, 80, generator=g).to(torch.float16)
+    feats *= (torch.arange(frames)[None, :] < lengths[:, None])[..., None]
+    tlens = lengths // 7
+    targets = torch.randint(3, 29, (rows, frames // 2), generator=g)
+    targets *= torch.arange(frames // 2)[None, :] < tlens[:, None]
+    return {"feats": feats, "lengths": lengths, "targets": targets, "target_lengths": tlens, "real": rows,
+            "skipped": 0}
 
 
 class StepRunner:
@@ -76,8 +113,8 @@ class StepRunner:
                  debug: bool = False) -> None:
         self.model, self.cfg, self.device, self.info, self.debug = model.to(device), cfg, device, info, debug
         self.opt = make_optimizer(model, cfg.optim)
-        self.amp = autocast_dtype(cfg.train.precision, device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        self.amp = autocast_dtype(cfg.train.precision, device, cfg.train.cpu_autocast)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg.optim, total_steps))
         module: nn.Module = CTCTrainStep(model)
         if info.distributed:
@@ -86,11 +123,12 @@ class StepRunner:
         self.ddp = module
         self.compiled = compile_enabled(cfg, device.type)
         if self.compiled:
-            # one graph per (bucket, rows) shape: more than dynamo's default cache of 8 recompiles
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 128)
+            # static shapes: one graph per planned (rows, bucket), more than dynamo's default cache of 8
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
             torch._dynamo.config.accumulated_cache_size_limit = max(
-                torch._dynamo.config.accumulated_cache_size_limit, 512)
-        self.fn = torch.compile(module) if self.compiled else module
+                torch._dynamo.config.accumulated_cache_size_limit, 1024)
+        dynamic = cfg.train.compile_shapes == "dynamic"
+        self.fn = torch.compile(module, dynamic=dynamic) if self.compiled else module
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -105,6 +143,15 @@ class StepRunner:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
+    def _loss(self, batch: dict, scale: float) -> torch.Tensor:
+        host_out, host_tl = host_lengths(batch, self.cfg.model.downsample)
+        b = to_device(batch, self.device)
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            loss = self.fn(b["feats"], b["lengths"], b["targets"], b["target_lengths"], host_out, host_tl)
+        if self.debug:
+            self._debug_checks(b, loss)
+        return loss * scale if scale != 1 else loss
+
     def __call__(self, micro: list[dict], seed: int) -> dict[str, Any]:
         """One optimiser step over ``micro`` (gradient-accumulated) batches; returns device tensors, unread."""
         accum = len(micro)
@@ -112,14 +159,10 @@ class StepRunner:
         self.model.train()
         total = torch.zeros((), device=self.device)
         for a, batch in enumerate(micro):
-            b = to_device(batch, self.device)
             sync = self.ddp.no_sync() if (self.info.distributed and a < accum - 1) else contextlib.nullcontext()
-            with sync, torch.autocast(self.device.type, dtype=self.amp or torch.float32,
-                                      enabled=self.amp is not None):
-                loss = self.fn(b["feats"], b["lengths"], b["targets"], b["target_lengths"]) / accum
-            if self.debug:
-                self._debug_checks(b, loss)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            with sync:
+                loss = self._loss(batch, 1 / accum)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         if self.scaler:
             self.scaler.unscale_(self.opt)
@@ -140,9 +183,101 @@ class StepRunner:
             work = torch.distributed.all_reduce(total, async_op=True)
         return {"loss": total, "work": work, "grad_norm": gnorm, "bad": bad, "lr": lr}
 
+    def warm_up(self, shapes: list[tuple[int, int]]) -> float:
+        """Compile forward and backward for every planned shape before training; returns the seconds it took.
+
+        Runs on silent rows with the weights and every RNG state restored afterwards: the run that follows is
+        bit-identical to one without a warm-up (tested), it just never compiles mid-epoch. With dynamic shapes
+        one shape compiles the graph. Every rank warms up the same shapes in the same order (DDP all-reduces).
+        """
+        if not self.compiled:
+            return 0.0
+        if self.cfg.train.compile_shapes == "dynamic":
+            shapes = shapes[-1:]
+        t0 = time.perf_counter()
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        self.model.train()
+        for rows, frames in shapes:
+            batch = {"feats": torch.zeros(rows, frames, 80, dtype=torch.float16),
+                     "lengths": torch.full((rows,), frames, dtype=torch.int64),
+                     "targets": torch.full((rows, frames // self.cfg.model.downsample), 3, dtype=torch.int64),
+                     "target_lengths": torch.ones(rows, dtype=torch.int64)}
+            self._loss(batch, 1.0).backward()
+            self.model.zero_grad(set_to_none=True)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
     def _debug_checks(self, b: dict, loss: torch.Tensor) -> None:
         assert torch.isfinite(b["feats"].float()).all(), "non-finite input features"
         assert int(b["targets"].max()) < self.cfg.model.vocab_size, "label outside the vocabulary"
         assert bool((b["lengths"] <= b["feats"].shape[1]).all()), "length beyond the padded batch"
         log.info("debug: batch %s, targets %s, loss %.4f", tuple(b["feats"].shape), tuple(b["targets"].shape),
                  float(loss.detach()))
+
+
+def step_record(values: list[float], meta: dict[str, Any]) -> dict[str, Any]:
+    """The ``log.jsonl`` record of one step from the values :class:`MetricReader` handed over."""
+    loss, gnorm, bad = values
+    record = {"step": meta["step"], "epoch": meta["epoch"], "loss": loss, "lr": meta["lr"], "grad_norm": gnorm,
+              "utterances": meta["utterances"], "non_finite": bool(bad)}
+    if meta.get("skipped_samples"):
+        record["skipped_samples"] = meta["skipped_samples"]
+    return record
+
+
+class MetricReader:
+    """A step's loss, gradient norm and bad-step flag -> the host, read only once the device has produced them.
+
+    ``push`` queues a non-blocking copy into a pinned host buffer and records a CUDA event; ``poll`` returns the
+    steps whose events have completed (never waits); ``drain`` waits for all. On a CPU the values are ready at
+    once. ``depth`` bounds how far the host may run ahead before ``push`` waits for the oldest step.
+    """
+
+    def __init__(self, device: torch.device, depth: int = 8) -> None:
+        self.cuda = device.type == "cuda"
+        self.depth = depth
+        self.pending: collections.deque = collections.deque()
+        self.buffers = [torch.empty(3, pin_memory=True) for _ in range(depth + 1)] if self.cuda else []
+        self.next = 0
+
+    def push(self, out: dict[str, Any], meta: dict[str, Any]) -> list[tuple[list[float], dict]]:
+        if out["work"] is not None:
+            out["work"].wait()  # NCCL: the stream waits, not the host; gloo (CPU): done already
+        values = torch.stack([out["loss"].detach().float(), out["grad_norm"].detach().float(),
+                              out["bad"].float()])
+        ready = []
+        if len(self.pending) >= self.depth:  # the device is far behind: wait for the oldest step only
+            ready += self._take(block=True, limit=1)
+        if self.cuda:
+            buf = self.buffers[self.next]
+            self.next = (self.next + 1) % len(self.buffers)
+            buf.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((event, buf, meta))
+        else:
+            self.pending.append((None, values, meta))
+        return ready + self.poll()
+
+    def _take(self, block: bool, limit: int | None = None) -> list[tuple[list[float], dict]]:
+        out = []
+        while self.pending and (limit is None or len(out) < limit):
+            event, buf, meta = self.pending[0]
+            if event is not None and not event.query():
+                if not block:
+                    break
+                event.synchronize()
+            self.pending.popleft()
+            out.append((buf.tolist(), meta))
+        return out
+
+    def poll(self) -> list[tuple[list[float], dict]]:
+        return self._take(block=False)
+
+    def drain(self) -> list[tuple[list[float], dict]]:
+        return self._take(block=True)

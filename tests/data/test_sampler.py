@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from lmu_asr.config import DataConfig
-from lmu_asr.data.sampler import bucket_lengths, capacity, epoch_plan, eval_plan, shuffle_buffer
+from lmu_asr.data.sampler import (
+    bucket_lengths,
+    capacity,
+    epoch_plan,
+    eval_plan,
+    planned_shapes,
+    shuffle_buffer,
+)
 from lmu_asr.data.shards import ShardSet, label_stats
 
 
@@ -24,7 +31,15 @@ def fake_shards(n_shards: int, per_shard: int, seed: int = 0, long_every: int = 
                                 min_out_frames=np.array([sum(label_stats(t)) for t in texts]))
 
 
-CFG = DataConfig(batch_frames=8000, max_frames=3000, shuffle_buffer=50)
+CFG = DataConfig(batch_frames=8000, max_frames=3000, shuffle_buffer=50, partial_batches="pow2")
+
+
+def test_full_partial_batches_give_one_shape_per_bucket() -> None:
+    cfg = DataConfig(batch_frames=8000, max_frames=3000, shuffle_buffer=50, partial_batches="full")
+    batches, stats = epoch_plan(fake_shards(3, 40), cfg, 2, epoch=0, seed=0)
+    shapes = {(b.capacity, b.bucket) for b in batches}
+    assert shapes <= set(planned_shapes(cfg, 2)) and len(planned_shapes(cfg, 2)) == len(bucket_lengths(cfg, 2))
+    assert all(b.capacity == capacity(cfg, b.bucket) for b in batches)
 
 
 @pytest.mark.parametrize("n_shards,world", [(3, 2), (5, 4), (1, 3), (7, 2)])
@@ -61,6 +76,7 @@ def test_bucketing_gives_static_shapes_and_skips_without_truncating() -> None:
     assert stats.skipped["transcript_too_long_for_ctc"] > 0
     shapes = {(b.bucket, b.capacity) for b in batches}
     assert len(shapes) <= 2 * len(buckets)
+    assert {(rows, bucket) for bucket, rows in shapes} <= set(planned_shapes(CFG, 2))
     used = sum(b.bucket * b.capacity for b in batches)
     assert stats.padding_ratio == pytest.approx(1 - shards.num_frames[np.concatenate([b.indices for b in batches])].sum() / used)
 

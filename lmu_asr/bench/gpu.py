@@ -1,0 +1,222 @@
+"""``lmuasr bench gpu`` (``bench/gpu.sh``): every GPU measurement in one call of at most ~8 minutes.
+
+A GPU is lent to few sessions and for minutes, from a bare machine with a CUDA torch, numpy, pyarrow, click,
+tqdm and matplotlib, and nothing else (no lhotse, webdataset, soundfile, zstandard, DALI, PyYAML, network). This
+kit needs only those: the data are synthetic (``lmu_asr.bench.synthetic``), and a CI test runs ``--smoke`` under
+an import blocker that makes any of the missing packages fail the run.
+
+Stages, most important first; each is skipped (and says so in the summary) once the time budget is spent, so a
+slow machine still returns the headline. Every stage writes its own NAME.json/md/png into the output folder;
+``gpu_kit.json`` and ``gpu_kit.md`` summarise them.
+
+1. ``train_a100``: the seed's A100 row (preset a100-b96: 96 x <= 400 frames, bf16, compiled) with the loop's
+   read-out; 2. ``sync``: host<->device synchronisations in steady-state steps of that same compiled runner
+   (``torch.cuda.set_sync_debug_mode``, each located by its Python frame); 3. ``train_fast_h100``: the
+   fast-h100 preset at its largest shapes, against the 5.5 GB goal; 4. ``loader_synthetic``: the loader on
+   synthetic shards, per worker and with DataLoader workers, against the step's consumption; 5. ``model``: the
+   LMU forms at 1000/3000 frames; 6. ``compile``: static vs dynamic shapes; 7. ``scale``: batch sweep.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmu_asr.bench.report import environment, markdown_table, write_report
+from lmu_asr.config import Config, load_config
+
+
+def kit_configs(smoke: bool) -> dict[str, Any]:
+    """Sizes of every stage: the real ones, or a CPU-sized ``--smoke`` that runs the same code in CI."""
+    if smoke:
+        tiny = {"train.precision": "fp32", "data.max_frames": 256, "data.buckets": "128,256"}
+        return {"a100": ("cpu-tiny", {**tiny, "train.compile": "on"}, [(8, 128)]),
+                "fast": ("cpu-tiny", {**tiny, "data.batch_frames": 2048}, [(16, 128), (8, 256)]),
+                "model_lengths": [100, 300], "model_batch": 2, "compile_frames": [128, 256], "compile_rows": 4,
+                "scale_batches": [2, 4], "loader_utts": 300, "sync_steps": 3, "steps": 2, "windows": 2,
+                "budget_s": 170}
+    return {"a100": ("a100-b96", {"train.precision": "bf16"}, [(96, 400)]),
+            "fast": ("fast-h100", {}, [(100, 3000), (750, 400)]),
+            "model_lengths": [1000, 3000], "model_batch": 16, "compile_frames": [128, 400, 3000],
+            "compile_rows": None, "scale_batches": [48, 96, 192, 384, 768, 1536], "loader_utts": 20_000,
+            "sync_steps": 10, "steps": 10, "windows": 3, "budget_s": 460}
+
+
+def count_syncs(runner: Any, batch: dict, steps: int, device: torch.device) -> dict[str, Any]:
+    """Synchronising CUDA calls in ``steps`` steady-state steps (step + metric read-out), by Python location."""
+    from lmu_asr.train.step import MetricReader
+
+    reader = MetricReader(device)
+    for i in range(3):  # settle: lazily created state, the first read-outs
+        reader.push(runner([batch], seed=100 + i), {"step": i, "epoch": 0, "lr": 0.0, "utterances": 1})
+    reader.drain()
+    if device.type != "cuda":
+        return {"syncs_per_step": None, "note": "CPU: no device to synchronise with (tests/train/test_step.py "
+                "checks that the step reads no scalar from a step result)"}
+    torch.cuda.synchronize(device)
+    where: Counter = Counter()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(steps):
+                reader.push(runner([batch], seed=200 + i), {"step": i, "epoch": 0, "lr": 0.0, "utterances": 1})
+        for w in caught:
+            if "synchroniz" in str(w.message).lower():
+                where[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    reader.drain()
+    return {"syncs_per_step": sum(where.values()) / steps, "steps": steps, "where": dict(where)}
+
+
+def _loader_stage(out: Path, cfg: Config, utterances: int, step_utt_per_s: float | None) -> dict[str, Any]:
+    import os
+
+    from lmu_asr.bench.synthetic import write_synthetic_shards
+    from lmu_asr.data.dataset import BatchDataset, make_loader
+    from lmu_asr.data.sampler import epoch_plan
+    from lmu_asr.data.shards import ShardSet
+
+    folder = write_synthetic_shards(out / "work" / "synthetic_shards", utterances, 4, min_frames=150,
+                                    max_frames=cfg.data.max_frames)
+    shards = ShardSet.open(folder)
+    batches, _ = epoch_plan(shards, cfg.data, cfg.model.downsample, 0, 0)
+    ds = BatchDataset(shards, batches, cfg.model.downsample)
+    t, utts = time.perf_counter(), 0
+    for k in range(len(ds)):
+        utts += ds[k]["real"]
+    one = utts / (time.perf_counter() - t)
+    workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    t, utts = time.perf_counter(), 0
+    for b in make_loader(ds, 0, workers, 4, pin_memory=torch.cuda.is_available()):
+        utts += b["real"]
+    many = utts / (time.perf_counter() - t)
+    rows = [{"loader": "BatchDataset, 1 process", "utt_per_s": one},
+            {"loader": f"DataLoader, {workers} workers, pinned", "utt_per_s": many}]
+    data = {"env": environment(), "utterances": utterances, "rows": rows, "workers": workers,
+            "step_utt_per_s": step_utt_per_s, "loader_over_step": many / step_utt_per_s if step_utt_per_s else None}
+    body = (f"Synthetic shards ({utterances} utterances of 1.5-{cfg.data.max_frames / 100:.0f} s, preset "
+            f"`{cfg.preset}` batches).\n\n" + markdown_table(rows, [("loader", "loader"), ("utt_per_s", "utt/s")])
+            + (f"\n\nThe step consumes {step_utt_per_s:.0f} utt/s: the loader delivers "
+               f"{data['loader_over_step']:.1f}x that." if step_utt_per_s else ""))
+    data["files"] = [str(p) for p in write_report(out, "loader_synthetic", "Loader on synthetic shards", data,
+                                                  body)]
+    return data
+
+
+def run_kit(out: Path, device: torch.device, smoke: bool = False) -> dict[str, Any]:
+    from lmu_asr.bench.compile import bench_compile
+    from lmu_asr.bench.model import bench_model
+    from lmu_asr.bench.train import bench_scale, bench_train
+
+    k = kit_configs(smoke)
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"env": environment(device), "smoke": smoke, "budget_s": k["budget_s"], "stages": {}}
+    state: dict[str, Any] = {}
+
+    def stage(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        if time.perf_counter() - t0 > k["budget_s"]:
+            summary["stages"][name] = {"status": "skipped: time budget spent"}
+            return
+        t = time.perf_counter()
+        try:
+            result = fn()
+            summary["stages"][name] = {"status": "ok", "seconds": time.perf_counter() - t, **result}
+        except Exception as err:  # one failing stage must not cost the others their results
+            summary["stages"][name] = {"status": f"failed: {type(err).__name__}: {err}",
+                                       "traceback": traceback.format_exc(limit=6)}
+        print(f"[bench gpu] {name}: {summary['stages'][name]['status']} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+
+    def a100() -> dict[str, Any]:
+        preset, sets, shapes = k["a100"]
+        cfg = load_config(preset, None, sets)
+        data = bench_train(cfg, out, device, shapes, k["steps"], k["windows"], name="train_a100",
+                           keep_runner=True)
+        state["runner"], state["step_utt"] = data.pop("runner"), data["rows"][0]["utt_per_s"]
+        state["cfg"], state["shape"] = cfg, shapes[0]
+        r = data["rows"][0]
+        return {"utt_per_s": r["utt_per_s"], "it_per_s": r["it_per_s"], "mfu": r["mfu"],
+                "peak_gb": r.get("max_allocated_gb") or r.get("max_rss_gb"), "compile_s": r["compile_s"],
+                "vs_seed_a100": r["utt_per_s"] / 336.0}
+
+    def sync() -> dict[str, Any]:
+        from lmu_asr.train.step import synthetic_batch
+
+        rows, frames = state["shape"]
+        return count_syncs(state["runner"], synthetic_batch(rows, frames, seed=5), k["sync_steps"], device)
+
+    def fast() -> dict[str, Any]:
+        preset, sets, shapes = k["fast"]
+        data = bench_train(load_config(preset, None, sets), out, device, shapes, k["steps"], k["windows"],
+                           name="train_fast_h100")
+        return {"rows": [{f: r.get(f) for f in ("batch", "frames", "utt_per_s", "audio_s_per_s", "mfu",
+                                                 "max_allocated_gb", "max_rss_gb")} for r in data["rows"]],
+                "memory_estimate_gb": data["memory_estimate"]["total_gb"]}
+
+    def loader() -> dict[str, Any]:
+        cfg = state.get("cfg") or load_config(*k["a100"][:2])
+        data = _loader_stage(out, cfg, k["loader_utts"], state.get("step_utt"))
+        return {"rows": data["rows"], "loader_over_step": data["loader_over_step"]}
+
+    def model() -> dict[str, Any]:
+        data = bench_model(out, k["model_lengths"], k["model_batch"], device, recurrence_max=1000)
+        return {"rows": [{f: r.get(f) for f in ("frames", "best_parallel", "speedup_vs_recurrence",
+                                                 "speedup_vs_lstm")} for r in data["rows"]]}
+
+    def compile_() -> dict[str, Any]:
+        preset, sets, _ = k["fast"]
+        data = bench_compile(load_config(preset, None, sets), out, device, k["compile_frames"], k["compile_rows"],
+                             ("static", "dynamic"))
+        return {"totals": data["totals"]}
+
+    def scale() -> dict[str, Any]:
+        preset, sets, shapes = k["a100"]
+        cfg = load_config(preset, None, {**sets, "train.compile_shapes": "dynamic"})
+        data = bench_scale(cfg, out, device, shapes[0][1], k["scale_batches"])
+        return {"knee_batch": data["knee_batch"], "out_of_memory_at": data["out_of_memory_at"]}
+
+    for name, fn in (("train_a100", a100), ("sync", sync), ("train_fast_h100", fast), ("loader", loader),
+                     ("model", model), ("compile", compile_), ("scale", scale)):
+        if name == "sync" and "runner" not in state:
+            summary["stages"][name] = {"status": "skipped: needs train_a100"}
+            continue
+        stage(name, fn)
+    state.pop("runner", None)
+    summary["seconds"] = time.perf_counter() - t0
+    write_summary(out, summary)
+    return summary
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> list[Path]:
+    rows = [{"stage": name, "status": s["status"].split(":")[0], "seconds": s.get("seconds")}
+            for name, s in summary["stages"].items()]
+    a100 = summary["stages"].get("train_a100", {})
+    sync = summary["stages"].get("sync", {})
+    head = []
+    if summary["smoke"]:
+        head.append("Smoke run: every stage at CPU size to check the kit end to end; no number here is a GPU "
+                    "measurement.")
+    elif a100.get("status") == "ok":
+        head.append(f"Seed's A100 row (b96 x <= 400 frames): **{a100['utt_per_s']:.0f} utt/s** "
+                    f"({a100['vs_seed_a100']:.1f}x the seed's 336), {a100['it_per_s']:.2f} it/s, peak "
+                    f"{a100['peak_gb']:.2f} GB, MFU {100 * (a100['mfu'] or 0):.1f} %.")
+    if sync.get("status") == "ok" and sync.get("syncs_per_step") is not None:
+        head.append(f"Host-device synchronisations per steady-state step: {sync['syncs_per_step']:.1f} "
+                    f"({sync['where'] or 'none'}).")
+    body = ("\n\n".join(head) + "\n\n" if head else "") + markdown_table(
+        rows, [("stage", "stage"), ("status", "status"), ("seconds", "seconds")])
+    for name, s in summary["stages"].items():
+        if s["status"].startswith("failed"):
+            body += f"\n\n{name}: {s['status']}"
+    return write_report(out, "gpu_kit", "GPU kit summary" + (" (smoke, CPU)" if summary["smoke"] else ""),
+                        summary, body)

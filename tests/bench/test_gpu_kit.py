@@ -1,0 +1,51 @@
+"""bench/gpu.sh --smoke: the GPU kit runs end to end on a CPU with only the packages the GPU machine has."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from tests.helpers import ROOT
+
+# What the lent GPU machine does not have; the kit must never import any of it.
+MISSING = ("lhotse", "webdataset", "soundfile", "zstandard", "nvidia", "yaml", "speechcolab", "espeakng_loader",
+           "jiwer", "kaldi_native_fbank", "lilcom", "torchaudio")
+
+BLOCKER = f'''
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {MISSING!r}:
+            raise ImportError(f"{{name}} is not on the GPU machine (blocked by the test)")
+        return None
+sys.meta_path.insert(0, Block())
+'''
+
+
+def test_gpu_kit_smoke_under_an_import_blocker(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    out = tmp_path / "kit"
+    env = {**os.environ, "PYTHONPATH": f"{site}:{ROOT}", "OUT": str(out), "OMP_NUM_THREADS": "2"}
+    probe = subprocess.run(["python3", "-c", "import soundfile"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "blocked by the test" in probe.stderr  # the blocker itself works
+    t = time.time()
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--smoke"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    seconds = time.time() - t
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "gpu_kit.json").read_text())
+    assert {n: s["status"] for n, s in summary["stages"].items()} == {
+        n: "ok" for n in ("train_a100", "sync", "train_fast_h100", "loader", "model", "compile", "scale")}
+    for name in ("train_a100", "train_fast_h100", "loader_synthetic", "model", "compile", "scale", "gpu_kit"):
+        assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file(), name
+    assert (out / "train_a100.png").is_file() and (out / "compile.png").is_file()
+    a100 = json.loads((out / "train_a100.json").read_text())["rows"][0]
+    assert a100["compile"] and a100["batch"] == 8  # the compiled step, CPU-sized
+    compile_report = json.loads((out / "compile.json").read_text())
+    assert all(r["graph_breaks"] == 0 for r in compile_report["rows"])
+    assert seconds < 180, f"the smoke kit took {seconds:.0f} s (CI budget: 3 minutes)"
