@@ -72,12 +72,25 @@ def main(ctx: click.Context, log_level: str, show_traceback: bool) -> None:
 @click.option("--seed", default=0, show_default=True, type=NONNEG, help="Seed of the shuffle across shards.")
 @click.option("--compress", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
               help="Compress the fbank members with zstd (see README for the measured trade-off).")
+@click.option("--reindex", is_flag=True,
+              help="Only (re)build OUT's index cache (.index-cache-v1.arrow) from its index.parquet, then stop.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @user_errors
 def prep(corpus_dir: Path | None, subset: str | None, cuts: Path | None, out: Path, jobs: int, shard_frames: int,
-         shuffle_group: int, seed: int, compress: str, progress: bool) -> None:
+         shuffle_group: int, seed: int, compress: str, reindex: bool, progress: bool) -> None:
     """Corpus -> 80-dim fbank -> WebDataset tar shards with index.parquet and meta.json (resumable)."""
     from lmu_asr.prep.pipeline import PrepOptions, run_prep, summary_lines
+
+    if reindex:
+        import time
+
+        from lmu_asr.data.shards import ShardSet
+
+        t = time.perf_counter()
+        shards = ShardSet.open(out, rebuild_cache=True)
+        click.echo(f"index cache of {len(shards):,} utterances in {len(shards.shard_names)} shard(s) written to "
+                   f"{shards.cache_path} in {time.perf_counter() - t:.1f} s")
+        return
 
     opts = PrepOptions(out=out, corpus_dir=corpus_dir, subset=subset, cuts=cuts, jobs=jobs,
                        shard_frames=shard_frames, shuffle_group=shuffle_group, seed=seed,
@@ -425,6 +438,32 @@ def bench_gpu_cmd(out: Path, smoke: bool, device: str) -> None:
                + (f"; failed: {', '.join(failed)}" if failed else ""))
     if failed:
         sys.exit(1)
+
+
+@bench.command("index")
+@click.option("--utterances", default="100000,1000000,8280000", show_default=True,
+              help="Rows of each synthetic index (comma-separated; 8.28 M is GigaSpeech XL).")
+@click.option("--shards", "shard_counts", default="8,70,576", show_default=True,
+              help="Shard files of each (comma-separated, one per --utterances value).")
+@click.option("--preset", default="fast-h100", show_default=True)
+@click.option("--world", default=8, show_default=True, type=POS, help="Ranks the plan is split over.")
+@click.option("--out", default="bench/results", show_default=True, type=click.Path(path_type=Path))
+@click.option("--keep", is_flag=True, help="Keep the synthetic folders under OUT/work/.")
+@user_errors
+def bench_index_cmd(utterances: str, shard_counts: str, preset: str, world: int, out: Path, keep: bool) -> None:
+    """Open, plan and worker start-up on a synthetic index of GigaSpeech-XL size (no audio)."""
+    from lmu_asr.bench.index import bench_index
+
+    counts, shard_list = int_list(utterances, "--utterances"), int_list(shard_counts, "--shards")
+    if len(counts) != len(shard_list):
+        raise UserError("give one --shards value per --utterances value")
+    data = bench_index(out, list(zip(counts, shard_list, strict=True)), preset, world, keep)
+    for r in data["rows"]:
+        click.echo(f"{r['utterances']:>9,} rows / {r['shards']} shards: open {r['open_s']:.2f} s "
+                   f"(+{r['open_rss_gb']:.2f} GB; first open {r['cold_open_s']:.1f} s), plan {r['plan_s']:.2f} s, "
+                   f"worker {r['worker_handoff_mb']:.2f} MB / {r['worker_first_batch_s']:.1f} s, dry-run "
+                   f"{r['dry_run_s']:.1f} s")
+    click.echo("reports: " + ", ".join(data["files"]))
 
 
 @bench.command("compile")

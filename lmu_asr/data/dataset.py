@@ -10,11 +10,11 @@ trainer and ``eval`` count and report them): training goes on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lmu_asr.data.sampler import Batch
 from lmu_asr.data.shards import ShardSet
@@ -25,14 +25,23 @@ log = logging.getLogger(__name__)
 
 
 class BatchDataset(Dataset):
-    def __init__(self, shards: ShardSet, batches: Sequence[Batch], downsample: int, with_text: bool = False) -> None:
-        self.shards, self.batches, self.downsample, self.with_text = shards, list(batches), downsample, with_text
+    """Assembles batches; an item is a batch, addressed by its position in ``batches`` or by the Batch itself.
+
+    Addressed by Batch (what :class:`PlanSampler` yields), the dataset holds no plan at all: a DataLoader worker
+    receives the shards (a memory-mapped index, reopened by path) once, lives across epochs, and gets each
+    batch's few hundred indices through the index queue.
+    """
+
+    def __init__(self, shards: ShardSet, batches: Sequence[Batch] | None, downsample: int,
+                 with_text: bool = False) -> None:
+        self.shards, self.downsample, self.with_text = shards, downsample, with_text
+        self.batches = list(batches) if batches is not None else []
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, k: int) -> dict:
-        b = self.batches[k]
+    def __getitem__(self, key: int | Batch) -> dict:
+        b = key if isinstance(key, Batch) else self.batches[key]
         S = b.bucket // self.downsample
         feats = np.zeros((b.capacity, b.bucket, 80), dtype=np.float16)
         lengths = np.zeros(b.capacity, dtype=np.int64)
@@ -64,18 +73,44 @@ class BatchDataset(Dataset):
             keys.append(key)
         item = {"feats": torch.from_numpy(feats), "lengths": torch.from_numpy(lengths),
                 "targets": torch.from_numpy(targets), "target_lengths": torch.from_numpy(target_lengths),
-                "index": k, "real": b.real - len(damaged), "skipped": len(damaged), "damaged": damaged}
+                "real": b.real - len(damaged), "skipped": len(damaged), "damaged": damaged}
         if self.with_text:
             item["texts"], item["keys"] = texts, keys
         return item
 
 
+class PlanSampler(Sampler):
+    """Yields an epoch's batches (from ``start``, for an exact resume); ``set`` installs the next epoch's plan.
+
+    One sampler and one DataLoader serve the whole run: ``persistent_workers`` keeps the workers (and their open
+    shards) alive across epochs, where a loader per epoch would start them all again.
+    """
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+        self.start = 0
+
+    def set(self, batches: list[Batch], start: int = 0) -> None:
+        self.batches, self.start = batches, start
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.batches[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, len(self.batches) - self.start)
+
+
 def make_loader(dataset: BatchDataset, start: int = 0, num_workers: int = 2, prefetch: int = 4,
-                pin_memory: bool = False) -> DataLoader:
-    """Batches ``start..len-1`` in order; workers take whole batches round-robin (order is deterministic)."""
-    return DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=num_workers,
-                      pin_memory=pin_memory, prefetch_factor=prefetch if num_workers > 0 else None,
-                      persistent_workers=False)
+                pin_memory: bool = False, sampler: PlanSampler | None = None) -> DataLoader:
+    """Batches in order; workers take whole batches round-robin (order is deterministic).
+
+    Without a sampler: ``dataset.batches[start:]``, workers for this pass only. With a :class:`PlanSampler`:
+    whatever plan it holds when the loader is iterated, and persistent workers.
+    """
+    return DataLoader(dataset, batch_size=None, sampler=sampler if sampler is not None else range(start, len(dataset)),
+                      num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=prefetch if num_workers > 0 else None,
+                      persistent_workers=sampler is not None and num_workers > 0)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

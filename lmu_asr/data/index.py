@@ -63,11 +63,15 @@ def ctc_min_frames(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.frombuffer(texts.buffers()[1], np.int64)[texts.offset: texts.offset + len(texts) + 1]
     data = np.frombuffer(texts.buffers()[2], np.uint8) if texts.buffers()[2] is not None else np.zeros(0, np.uint8)
     lengths = np.diff(offsets)
-    same = np.concatenate([[0], np.cumsum(data[1:] == data[:-1], dtype=np.int64)])  # same[j]: pairs before j
-    starts, ends = offsets[:-1], offsets[1:]
-    last = np.maximum(ends - 1, starts)  # pairs (j, j+1) with start <= j < end - 1
-    repeats = np.where(lengths > 1, same[np.minimum(last, len(same) - 1)] - same[np.minimum(starts, len(same) - 1)],
-                       0)
+    data = data[: offsets[-1]] if len(offsets) else data[:0]  # a slice's buffer may run on past its last string
+    if not len(data):
+        return lengths.astype(np.int64), lengths.astype(np.int64)
+    eq = np.zeros(len(data), np.uint8)  # eq[j]: byte j equals byte j + 1 (bytes, not int64: 0.5 GB at XL)
+    np.equal(data[1:], data[:-1], out=eq[:-1].view(bool))
+    starts = np.minimum(offsets[:-1], len(data) - 1)
+    # sums over [start_i, start_{i+1}) count the pair that straddles into the next string too: remove it
+    sums = np.add.reduceat(eq, starts, dtype=np.int64) - eq[np.maximum(offsets[1:] - 1, 0)]
+    repeats = np.where(lengths > 1, sums, 0)
     return lengths.astype(np.int64), (lengths + repeats).astype(np.int64)
 
 

@@ -106,18 +106,30 @@ def eligible(shards: ShardSet, cfg: DataConfig, downsample: int) -> tuple[np.nda
 
 
 def shuffle_buffer(items: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """What a streaming shuffle buffer of ``size`` emits for this input order (seeded)."""
+    """What a streaming shuffle buffer of ``size`` emits for this input order (seeded), without a Python loop.
+
+    The buffer starts with the first ``size`` items; each next item replaces a uniformly drawn slot, whose
+    occupant is emitted; at the end the buffer is emitted in a random order. The item emitted at step k is
+    therefore the last one written into slot ``picks[k]`` before step k, or the slot's first item: found for
+    every k at once by grouping the steps by slot (a stable sort keeps each group in time order).
+    """
     if size <= 1 or len(items) <= 1:
         return items.copy()
     size = min(size, len(items))
-    buf = list(items[:size])
+    n = len(items) - size
+    picks = rng.integers(0, size, n)
+    by_slot = np.argsort(picks, kind="stable")
+    same = picks[by_slot[1:]] == picks[by_slot[:-1]]
+    previous = np.full(n, -1, dtype=np.int64)  # the step that last wrote the slot step k reads
+    previous[by_slot[1:][same]] = by_slot[:-1][same]
     out = np.empty(len(items), dtype=items.dtype)
-    picks = rng.integers(0, size, len(items) - size)
-    for k, nxt in enumerate(items[size:].tolist()):
-        j = int(picks[k])
-        out[k] = buf[j]
-        buf[j] = nxt
-    out[len(items) - size:] = np.asarray(buf, dtype=items.dtype)[rng.permutation(size)]
+    out[:n] = items[np.where(previous >= 0, size + previous, picks)]
+    last = np.full(size, -1, dtype=np.int64)  # the step that wrote each slot last
+    if n:
+        ends = np.r_[~same, True]
+        last[picks[by_slot[ends]]] = by_slot[ends]
+    buf = items[np.where(last >= 0, size + last, np.arange(size))]
+    out[n:] = buf[rng.permutation(size)]
     return out
 
 
@@ -138,21 +150,32 @@ def rank_stream(shards: ShardSet, mask: np.ndarray, epoch: int, seed: int, rank:
 
 def make_batches(order: np.ndarray, shards: ShardSet, cfg: DataConfig, downsample: int,
                  stats: PlanStats) -> list[Batch]:
+    """Batches of one bucket each, in the order a streaming bucketer would emit them (no Python loop per item).
+
+    Walking the stream, a bucket's batch is emitted when its last row arrives: so the full batches of every
+    bucket are consecutive groups of its items, emitted in the order of their last items' stream positions;
+    the partial batches follow, bucket by bucket.
+    """
     buckets = bucket_lengths(cfg, downsample)
     which = np.searchsorted(buckets, shards.num_frames[order], side="left")
-    pending: list[list[int]] = [[] for _ in buckets]
-    batches = []
-    for idx, b in zip(order.tolist(), which.tolist(), strict=True):
-        pending[b].append(idx)
-        if len(pending[b]) == capacity(cfg, buckets[b]):
-            batches.append(Batch(buckets[b], len(pending[b]), np.asarray(pending[b], dtype=np.int64)))
-            pending[b] = []
-    for b, rest in enumerate(pending):  # partial batches last, padded with empty rows (see partial_batches)
-        if rest:
-            rows = capacity(cfg, buckets[b])
+    full: list[tuple[int, Batch]] = []
+    partial: list[Batch] = []
+    for b, bucket in enumerate(buckets):
+        pos = np.flatnonzero(which == b)
+        if not len(pos):
+            continue
+        rows = capacity(cfg, bucket)
+        members = order[pos]
+        n_full = len(pos) // rows
+        for j in range(n_full):
+            full.append((int(pos[(j + 1) * rows - 1]), Batch(bucket, rows, members[j * rows:(j + 1) * rows])))
+        rest = members[n_full * rows:]
+        if len(rest):
             if cfg.partial_batches == "pow2":
                 rows = min(rows, 1 << (len(rest) - 1).bit_length())
-            batches.append(Batch(buckets[b], rows, np.asarray(rest, dtype=np.int64)))
+            partial.append(Batch(bucket, rows, rest))
+    full.sort(key=lambda item: item[0])
+    batches = [b for _, b in full] + partial
     stats.utterances += len(order)
     stats.frames += int(shards.num_frames[order].sum())
     stats.padded_frames += sum(b.bucket * b.capacity for b in batches)

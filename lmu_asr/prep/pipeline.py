@@ -320,6 +320,9 @@ def _finalize(opts: PrepOptions, groups: list[Group], markers: dict[int, dict], 
         "shards": shards, "seconds": round(seconds, 2), "resumed_groups": resumed,
     }
     _atomic_write(out / "meta.json", json.dumps(meta, indent=1))
+    from lmu_asr.data.index import load_index
+
+    load_index(out, rebuild=True)  # the memory-mapped cache every rank opens (a reader would build it anyway)
     return meta
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from lmu_asr import UserError
 from lmu_asr.config import Config
-from lmu_asr.data.dataset import BatchDataset, make_loader
+from lmu_asr.data.dataset import BatchDataset, PlanSampler, make_loader
 from lmu_asr.data.sampler import capacity, eligible, epoch_plan, planned_shapes
 from lmu_asr.data.shards import OPEN_DAMAGE, ShardSet
 from lmu_asr.data.specaug import SpecAugment
@@ -192,6 +192,10 @@ class Trainer:
         total_steps = cfg.optim.total_steps or max(1, self.steps_per_epoch * cfg.train.epochs)
         self.runner = StepRunner(self.model, cfg, self.device, self.info, total_steps, self.debug)
         self.reader = MetricReader(self.device)
+        self.sampler = PlanSampler()  # one loader for the run: its workers persist across epochs
+        self.loader = make_loader(BatchDataset(self.shards, None, cfg.model.downsample),
+                                  num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch,
+                                  pin_memory=cfg.data.pin_memory and self.device.type == "cuda", sampler=self.sampler)
         if self.resume:
             self._restore()
         if self.runner.compiled and self.dali is None:
@@ -278,9 +282,8 @@ class Trainer:
         else:
             batches, _ = self.epoch_batches(self.epoch)
             n_batches = len(batches)
-            it = iter(make_loader(BatchDataset(self.shards, batches, cfg.model.downsample), self.batch_in_epoch,
-                                  cfg.data.num_workers, cfg.data.prefetch,
-                                  cfg.data.pin_memory and self.device.type == "cuda"))
+            self.sampler.set(batches, self.batch_in_epoch)
+            it = iter(self.loader)
         while self.batch_in_epoch < n_batches:
             if self.step >= stop_at:
                 return "max_steps"
