@@ -72,12 +72,14 @@ def main(ctx: click.Context, log_level: str, show_traceback: bool) -> None:
 @click.option("--seed", default=0, show_default=True, type=NONNEG, help="Seed of the shuffle across shards.")
 @click.option("--compress", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
               help="Compress the fbank members with zstd (see README for the measured trade-off).")
+@click.option("--plan-only", is_flag=True,
+              help="Validate, read the corpus and plan the shards; print counts and timings; decode nothing.")
 @click.option("--reindex", is_flag=True,
               help="Only (re)build OUT's index cache (.index-cache-v1.arrow) from its index.parquet, then stop.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @user_errors
 def prep(corpus_dir: Path | None, subset: str | None, cuts: Path | None, out: Path, jobs: int, shard_frames: int,
-         shuffle_group: int, seed: int, compress: str, reindex: bool, progress: bool) -> None:
+         shuffle_group: int, seed: int, compress: str, plan_only: bool, reindex: bool, progress: bool) -> None:
     """Corpus -> 80-dim fbank -> WebDataset tar shards with index.parquet and meta.json (resumable)."""
     from lmu_asr.prep.pipeline import PrepOptions, run_prep, summary_lines
 
@@ -95,8 +97,13 @@ def prep(corpus_dir: Path | None, subset: str | None, cuts: Path | None, out: Pa
     opts = PrepOptions(out=out, corpus_dir=corpus_dir, subset=subset, cuts=cuts, jobs=jobs,
                        shard_frames=shard_frames, shuffle_group=shuffle_group, seed=seed,
                        compress=None if compress == "none" else compress, progress=progress,
-                       command=" ".join(["lmuasr", *sys.argv[1:]]))
+                       command=" ".join(["lmuasr", *sys.argv[1:]]), plan_only=plan_only)
     meta = run_prep(opts)
+    if plan_only:
+        click.echo(f"plan: {meta['segments']:,} segments in {meta['recordings']:,} recordings ({meta['hours']:.1f} h), "
+                   f"{meta['rejected']:,} rejected; {meta['groups']} group(s) of {meta['shards']} shard(s)")
+        click.echo("timings: " + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in meta["timings"].items()))
+        return
     meta["out"] = str(out)
     for line in summary_lines(meta):
         click.echo(line)
@@ -126,7 +133,9 @@ def _overrides(pairs: tuple[str, ...], **flags: object) -> dict[str, object]:
 
 
 @main.command()
-@click.option("--shards", required=True, type=click.Path(path_type=Path), help="Training shards (lmuasr prep).")
+@click.option("--shards", required=True,
+              help="Training shards: a prep folder, or webdataset URLs (https://host/shard-{000000..000099}.tar, "
+                   "pipe:CMD, file:PATH) with index.parquet and meta.json beside them.")
 @click.option("--dev-shards", type=click.Path(path_type=Path), help="Validation shards (loss, WER each epoch).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--preset", default=None, help="Configuration preset (see config.py); default: 'default'.")
@@ -151,7 +160,7 @@ def _overrides(pairs: tuple[str, ...], **flags: object) -> dict[str, object]:
 @click.option("--debug", is_flag=True, help="Run 3 steps, eagerly, with extra checks.")
 @click.option("--progress/--no-progress", default=True)
 @user_errors
-def train(shards: Path, dev_shards: Path | None, out: Path, preset: str | None, config_file: Path | None,
+def train(shards: str, dev_shards: Path | None, out: Path, preset: str | None, config_file: Path | None,
           sets: tuple[str, ...], epochs: int | None, max_steps: int | None, save_every: int | None,
           batch_size: int | None, batch_frames: int | None, max_frames: int | None, lr: float | None,
           precision: str | None, compile_: bool | None, loader: str | None, workers: int | None, seed: int | None,
@@ -181,7 +190,10 @@ def train(shards: Path, dev_shards: Path | None, out: Path, preset: str | None, 
         validate(cfg)
     else:
         cfg = load_config(preset or "default", config_file, overrides)
-    trainer = Trainer(cfg, shards, out, dev_shards, resume=resume, device=device, debug=debug, progress=progress)
+    from lmu_asr.data.stream import is_url
+
+    source: str | Path = shards if is_url(shards) else Path(shards)
+    trainer = Trainer(cfg, source, out, dev_shards, resume=resume, device=device, debug=debug, progress=progress)
     if dry_run:
         click.echo(trainer.describe())
         return
@@ -463,6 +475,24 @@ def bench_index_cmd(utterances: str, shard_counts: str, preset: str, world: int,
                    f"(+{r['open_rss_gb']:.2f} GB; first open {r['cold_open_s']:.1f} s), plan {r['plan_s']:.2f} s, "
                    f"worker {r['worker_handoff_mb']:.2f} MB / {r['worker_first_batch_s']:.1f} s, dry-run "
                    f"{r['dry_run_s']:.1f} s")
+    click.echo("reports: " + ", ".join(data["files"]))
+
+
+@bench.command("prep-plan")
+@click.option("--segments", default="100000,300000,1000000", show_default=True,
+              help="Sizes of the synthetic GigaSpeech.json (comma-separated; XL has 8.28 M segments).")
+@click.option("--out", default="bench/results", show_default=True, type=click.Path(path_type=Path))
+@click.option("--keep", is_flag=True, help="Keep the synthetic corpora and prep folders under OUT/work/.")
+@user_errors
+def bench_prep_plan_cmd(segments: str, out: Path, keep: bool) -> None:
+    """Prep's bookkeeping (validation, lhotse manifests, planning, index assembly) against corpus size."""
+    from lmu_asr.bench.prep_scale import bench_prep_plan
+
+    data = bench_prep_plan(out, int_list(segments, "--segments"), keep)
+    for r in data["rows"]:
+        click.echo(f"{r['segments']:>9,} segments: {r['total_s']:.1f} s ({r['us_per_segment']:.0f} µs each), "
+                   f"peak {r['peak_rss_gb']:.2f} GB")
+    click.echo("growth exponents: " + ", ".join(f"{k} {v:.2f}" for k, v in data["growth_exponent"].items()))
     click.echo("reports: " + ", ".join(data["files"]))
 
 

@@ -150,3 +150,38 @@ def _write_tars(out: Path, frames: np.ndarray, texts: pa.Array, shard_of: np.nda
                 cols[k][i] = spans[k]
         shard_bytes[s] = writer.close()
     return {**cols, "shard_bytes": shard_bytes}
+
+
+def write_synthetic_gigaspeech(out: Path, segments: int, per_recording: int = 100, seed: int = 0) -> Path:
+    """A ``GigaSpeech.json`` of ``segments`` segments in XL's shape (every segment in {XL}), and no audio.
+
+    Enough for everything prep does before decoding (validation, lhotse's recipe, planning): ``lmuasr prep
+    --plan-only`` and ``lmuasr bench prep-plan`` measure prep's bookkeeping at GigaSpeech scale with it.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    durations = rng.uniform(1.0, 8.0, segments).round(2)
+    texts = random_texts(np.maximum(1, (durations * 14).astype(np.int64)), rng).to_pylist()
+
+    def audios():  # noqa: ANN202 (a generator of JSON text pieces, so 8 M segments never sit in one string)
+        for r, start in enumerate(range(0, segments, per_recording)):
+            aid = f"POD{r:010d}"
+            t, segs = 0.5, []
+            for k in range(start, min(segments, start + per_recording)):
+                segs.append({"sid": f"{aid}_S{k - start:07d}", "speaker": "N/A", "begin_time": round(t, 2),
+                             "end_time": round(t + durations[k], 2), "text_tn": texts[k], "subsets": ["{XL}"]})
+                t += durations[k] + 0.3
+            yield json.dumps({"title": "", "url": "", "path": f"audio/podcast/P{r // 100:04d}/{aid}.opus",
+                              "aid": aid, "source": "podcast", "channels": 1, "sample_rate": 16000,
+                              "speaker": "N/A", "duration": round(t + 0.5, 2), "md5": "", "subsets": ["{XL}"],
+                              "segments": segs})
+
+    def write(f) -> None:  # noqa: ANN001
+        f.write(b'{"dataset": "GigaSpeech", "version": "synthetic", "audios": [\n')
+        for i, piece in enumerate(audios()):
+            f.write((",\n" if i else "").encode() + piece.encode())
+        f.write(b"\n]}\n")
+
+    atomic_write_with(out / "GigaSpeech.json", write)
+    return out

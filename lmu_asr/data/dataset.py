@@ -10,7 +10,7 @@ trainer and ``eval`` count and report them): training goes on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,41 +42,50 @@ class BatchDataset(Dataset):
 
     def __getitem__(self, key: int | Batch) -> dict:
         b = key if isinstance(key, Batch) else self.batches[key]
-        S = b.bucket // self.downsample
-        feats = np.zeros((b.capacity, b.bucket, 80), dtype=np.float16)
-        lengths = np.zeros(b.capacity, dtype=np.int64)
-        targets = np.zeros((b.capacity, S), dtype=np.int64)
-        target_lengths = np.zeros(b.capacity, dtype=np.int64)
-        texts, keys, damaged = [], [], []
-        for row, i in enumerate(b.indices.tolist()):
-            key = self.shards.key(i)
+        return assemble_batch(b, self.shards.read, self.shards.key, self.downsample, self.with_text)
+
+
+def assemble_batch(b: Batch, read: Callable[[int], tuple[np.ndarray, str]], key_of: Callable[[int], str],
+                   downsample: int, with_text: bool = False) -> dict:
+    """A batch's tensors from its utterances; ``read(i)`` gives (features, text) or raises ShardError.
+
+    Shared by the random-access loader (``ShardSet.read``) and the streaming one (samples already received).
+    """
+    S = b.bucket // downsample
+    feats = np.zeros((b.capacity, b.bucket, 80), dtype=np.float16)
+    lengths = np.zeros(b.capacity, dtype=np.int64)
+    targets = np.zeros((b.capacity, S), dtype=np.int64)
+    target_lengths = np.zeros(b.capacity, dtype=np.int64)
+    texts, keys, damaged = [], [], []
+    for row, i in enumerate(b.indices.tolist()):
+        key = key_of(i)
+        try:
+            x, text = read(i)
             try:
-                x, text = self.shards.read(i)
-                try:
-                    ids = encode(text)
-                except ValueError as err:
-                    raise ShardError(f"{key}: {err}", "text_outside_vocabulary") from None
-                if len(ids) > S and not self.with_text:  # the plan only schedules feasible utterances
-                    raise ShardError(f"{key}: transcript longer than the index says", "text_mismatch")
-            except ShardError as err:
-                log.warning("skipping a damaged sample: %s", err)
-                damaged.append({"key": key, "reason": err.reason, "detail": str(err)})
-                texts.append("")
-                keys.append(key)
-                continue
-            feats[row, : x.shape[0]] = x
-            lengths[row] = x.shape[0]
-            if len(ids) <= S:  # else (evaluation only) scored for WER, left out of the loss
-                targets[row, : len(ids)] = ids
-                target_lengths[row] = len(ids)
-            texts.append(text)
+                ids = encode(text)
+            except ValueError as err:
+                raise ShardError(f"{key}: {err}", "text_outside_vocabulary") from None
+            if len(ids) > S and not with_text:  # the plan only schedules feasible utterances
+                raise ShardError(f"{key}: transcript longer than the index says", "text_mismatch")
+        except ShardError as err:
+            log.warning("skipping a damaged sample: %s", err)
+            damaged.append({"key": key, "reason": err.reason, "detail": str(err)})
+            texts.append("")
             keys.append(key)
-        item = {"feats": torch.from_numpy(feats), "lengths": torch.from_numpy(lengths),
-                "targets": torch.from_numpy(targets), "target_lengths": torch.from_numpy(target_lengths),
-                "real": b.real - len(damaged), "skipped": len(damaged), "damaged": damaged}
-        if self.with_text:
-            item["texts"], item["keys"] = texts, keys
-        return item
+            continue
+        feats[row, : x.shape[0]] = x
+        lengths[row] = x.shape[0]
+        if len(ids) <= S:  # else (evaluation only) scored for WER, left out of the loss
+            targets[row, : len(ids)] = ids
+            target_lengths[row] = len(ids)
+        texts.append(text)
+        keys.append(key)
+    item = {"feats": torch.from_numpy(feats), "lengths": torch.from_numpy(lengths),
+            "targets": torch.from_numpy(targets), "target_lengths": torch.from_numpy(target_lengths),
+            "real": b.real - len(damaged), "skipped": len(damaged), "damaged": damaged}
+    if with_text:
+        item["texts"], item["keys"] = texts, keys
+    return item
 
 
 class PlanSampler(Sampler):

@@ -121,7 +121,10 @@ class ShardSet:
     _members: dict[int, tuple[dict[str, tuple[int, int]], bool]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, directory: str | Path, rebuild_cache: bool = False) -> ShardSet:
+    def open(cls, directory: str | Path, rebuild_cache: bool = False,
+             shard_sizes: dict[str, int] | None = None) -> ShardSet:
+        """Open a shard folder; ``shard_sizes`` (name -> bytes) stands in for the files' sizes when the shards are
+        not local (``lmu_asr.data.stream``: the folder then holds only the fetched index and meta.json)."""
         from lmu_asr.data.index import load_index
 
         directory = Path(directory)
@@ -136,7 +139,11 @@ class ShardSet:
         except (ValueError, KeyError, TypeError) as err:
             raise UserError(f"{meta_path} is damaged ({type(err).__name__}: {err}); rerun lmuasr prep") from None
         table, cache = load_index(directory, rebuild=rebuild_cache)
-        return _from_table(directory, meta, table, cache)
+        sizes = None
+        if shard_sizes is not None:
+            names = json.loads(table.schema.metadata[b"shard_names"])
+            sizes = np.array([shard_sizes.get(n, -1) for n in names], np.int64)
+        return _from_table(directory, meta, table, cache, sizes)
 
     @classmethod
     def from_arrays(cls, directory: Path, meta: dict, shard_names: list[str], *,
@@ -157,7 +164,8 @@ class ShardSet:
             damage[have < 0] = 1
         out = cls(directory, meta, list(shard_names), shard_sizes, damage=damage, **cols)
         for shard in np.unique(cols["shard_id"][damage == 2]) if n else []:
-            out._locate_survivors(int(shard))
+            if (directory / shard_names[int(shard)]).is_file():  # local shards only (not a streamed set)
+                out._locate_survivors(int(shard))
         return out
 
     def _locate_survivors(self, shard: int) -> None:

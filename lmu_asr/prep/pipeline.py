@@ -19,13 +19,16 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from lmu_asr import UserError, __version__
 from lmu_asr.fileio import atomic_write as _atomic_write
-from lmu_asr.fileio import check_writable
+from lmu_asr.fileio import atomic_write_with, check_writable
 from lmu_asr.prep.corpus import (
     check_gigaspeech_dir,
     file_sha256,
@@ -59,6 +62,7 @@ class PrepOptions:
     progress: bool = True
     command: str = ""
     source_sha256: str | None = None  # content of GigaSpeech.json / the cuts manifest (set by run_prep)
+    plan_only: bool = False  # stop after planning: counts and timings, no audio decoded, no shard written
 
     def fingerprint(self) -> dict:
         """What determines the output bytes; a different fingerprint in an existing --out is refused."""
@@ -104,6 +108,19 @@ def _marker(state: Path, group: Group) -> Path:
     return state / "groups" / f"group-{group.index:06d}.json"
 
 
+def _rows_file(state: Path, index: int) -> Path:
+    """A finished group's index rows, columnar: finalising reads these, never millions of JSON objects."""
+    return state / "groups" / f"group-{index:06d}.parquet"
+
+
+# index.parquet's columns (the contract in the README), typed once so every group's table concatenates
+INDEX_SCHEMA = pa.schema([
+    ("key", pa.string()), ("shard", pa.string()), ("position", pa.int64()), ("offset", pa.int64()),
+    ("fbank_offset", pa.int64()), ("fbank_size", pa.int64()), ("json_offset", pa.int64()),
+    ("json_size", pa.int64()), ("num_frames", pa.int64()), ("duration", pa.float64()), ("text_len", pa.int64()),
+    ("text", pa.string()), ("speaker", pa.string()), ("recording", pa.string())])
+
+
 def _audio_stats(group: Group) -> dict[str, list[int]]:
     """(size, mtime) of each local audio file of a group: a group whose audio changed since is redone."""
     out = {}
@@ -127,6 +144,8 @@ def _group_done(out: Path, state: Path, group: Group) -> dict | None:
         return None
     if done.get("audio") != _audio_stats(group):
         log.info("the audio of group %d changed since its shards were written; redoing it", group.index)
+        return None
+    if "rows" not in done and not _rows_file(state, group.index).is_file():
         return None
     for shard in done["shards"]:
         path = out / shard["name"]
@@ -172,7 +191,9 @@ def _write_group(out: Path, group: Group, results: list[RecordingResult], compre
             writer.abort()
             raise
         shards.append({"name": name, "utterances": count, "frames": shard_frames, "bytes": size})
-    return {"group": group.index, "shards": shards, "rows": rows, "audio": _audio_stats(group),
+    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    atomic_write_with(_rows_file(out / ".prep", group.index), lambda f: pq.write_table(table, f))
+    return {"group": group.index, "shards": shards, "utterances": len(rows), "audio": _audio_stats(group),
             "rejected": [r for res in results for r in res.rejected],
             "stats": {"sum": total.tolist(), "sum_sq": total_sq.tolist(), "frames": frames},
             "decoded_seconds": sum(r.decoded_seconds for r in results),
@@ -227,10 +248,15 @@ def run_prep(opts: PrepOptions) -> dict:
     """
     validate_options(opts)
     t0 = time.time()
+    timings: dict[str, float] = {}
     opts.source_sha256 = source_digest(opts)
+    timings["validate_input_s"] = time.time() - t0
     check_writable(opts.out, "--out")
     state = _check_out_dir(opts)
+    t = time.time()
     cuts, rejected, drop, notes, source = _load_cuts(opts, state)
+    timings["lhotse_manifests_s"] = time.time() - t
+    t = time.time()
     try:
         jobs, plan_rejects = recordings_from_cuts(cuts, skip=drop)
     except UserError:
@@ -242,8 +268,15 @@ def run_prep(opts: PrepOptions) -> dict:
     if not jobs:
         raise UserError(f"no usable utterances found ({len(rejected)} rejected; see the reasons with --log-level "
                         "DEBUG)" if rejected else "no utterances found in the input")
+    timings["read_cuts_s"] = time.time() - t
+    t = time.time()
     groups = plan_groups(jobs, opts.shard_frames, opts.shuffle_group, opts.seed)
+    timings["plan_groups_s"] = time.time() - t
     hours = {g.index: sum(j.frames for j in g.recordings) / 360_000 for g in groups}
+    if opts.plan_only:
+        return {"plan_only": True, "recordings": len(jobs), "segments": sum(len(j.segments) for j in jobs),
+                "rejected": len(rejected), "groups": len(groups), "shards": sum(g.num_shards for g in groups),
+                "hours": round(sum(hours.values()), 3), "timings": timings, "groups_planned": groups}
     markers: dict[int, dict] = {}
     for g in groups:
         done = _group_done(opts.out, state, g)
@@ -285,10 +318,7 @@ def run_prep(opts: PrepOptions) -> dict:
 def _finalize(opts: PrepOptions, groups: list[Group], markers: dict[int, dict], rejected: list[dict],
               notes: list[str], source: dict, seconds: float, resumed: int) -> dict:
     import lhotse
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    rows = [r for g in groups for r in markers[g.index]["rows"]]
     rejected = rejected + [r for g in groups for r in markers[g.index]["rejected"]]
     shards = [s for g in groups for s in markers[g.index]["shards"]]
     total = np.sum([markers[g.index]["stats"]["sum"] for g in groups], axis=0)
@@ -300,9 +330,17 @@ def _finalize(opts: PrepOptions, groups: list[Group], markers: dict[int, dict], 
     for g in groups:
         rates.update(markers[g.index].get("decoded_rates", {}))
     out = opts.out
-    buf = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
-    _atomic_write(out / "index.parquet", buf.getvalue().to_pybytes())
+
+    def write_index(f: IO[bytes]) -> None:  # one row group per prep group: memory is one group's rows
+        with pq.ParquetWriter(f, INDEX_SCHEMA) as writer:
+            for g in groups:
+                m = markers[g.index]
+                rows = pa.Table.from_pylist(m["rows"], schema=INDEX_SCHEMA) if "rows" in m else \
+                    pq.read_table(_rows_file(out / ".prep", g.index), schema=INDEX_SCHEMA)
+                writer.write_table(rows)
+
+    atomic_write_with(out / "index.parquet", write_index)
+    utterances = sum(m.get("utterances", len(m.get("rows", []))) for m in markers.values())
     _atomic_write(out / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected))
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "lmu_asr_version": __version__,
@@ -311,7 +349,7 @@ def _finalize(opts: PrepOptions, groups: list[Group], markers: dict[int, dict], 
         "members": ["fbank.npy.zst" if opts.compress else "fbank.npy", "json"], "compress": opts.compress,
         "seed": opts.seed, "shard_frames": opts.shard_frames, "shuffle_group": opts.shuffle_group,
         "stats": {"mean": mean.tolist(), "std": std.tolist(), "frames": int(frames)},
-        "counts": {"utterances": len(rows), "shards": len(shards), "rejected": len(rejected),
+        "counts": {"utterances": utterances, "shards": len(shards), "rejected": len(rejected),
                    "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
                    "recordings": sum(len(g.recordings) for g in groups)},
         "hours": round(frames / 360_000, 4),

@@ -32,7 +32,7 @@ MIN_SEGMENT_FRAMES = 5  # 50 ms: shorter segments cannot hold a word
 RANGE_TOLERANCE = 0.02  # seconds a segment may run past the recording's declared end (rounding in manifests)
 
 
-@dataclass
+@dataclass(slots=True)  # millions of them at GigaSpeech-XL size: no per-instance __dict__
 class Segment:
     key: str
     recording_id: str

@@ -31,6 +31,7 @@ from lmu_asr.data.dataset import BatchDataset, PlanSampler, make_loader
 from lmu_asr.data.sampler import capacity, eligible, epoch_plan, planned_shapes
 from lmu_asr.data.shards import OPEN_DAMAGE, ShardSet
 from lmu_asr.data.specaug import SpecAugment
+from lmu_asr.data.stream import interleave, is_url, open_remote, stream_loader, stream_plan
 from lmu_asr.fileio import atomic_write, check_writable
 from lmu_asr.model.asr import LMUASR, count_flops
 from lmu_asr.train import checkpoint as ckpt
@@ -47,7 +48,7 @@ class TrainingStopped(UserError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, shards_dir: Path, run_dir: Path, dev_dir: Path | None = None,
+    def __init__(self, cfg: Config, shards_dir: Path | str, run_dir: Path, dev_dir: Path | None = None,
                  resume: bool = False, device: str = "auto", debug: bool = False, progress: bool = True) -> None:
         self.cfg, self.run_dir, self.debug, self.progress = cfg, Path(run_dir), debug, progress
         if debug:
@@ -59,7 +60,15 @@ class Trainer:
             require_dali()
         self.info = dist.detect()
         self.device = dist.select_device(self.info, device)
-        self.shards = ShardSet.open(shards_dir)
+        self.remote = None
+        if is_url(shards_dir):  # streamed with webdataset (lmu_asr.data.stream); the index is fetched
+            if cfg.train.loader == "dali":
+                raise UserError("--loader dali reads local shards; URL shards stream with --loader wds")
+            self.shards, self.remote = open_remote(str(shards_dir))
+        else:
+            self.shards = ShardSet.open(shards_dir)
+        if dev_dir is not None and is_url(dev_dir):
+            raise UserError("--dev-shards must be a local folder (validation reads utterances by random access)")
         self.dev = ShardSet.open(dev_dir) if dev_dir is not None else None
         torch.manual_seed(cfg.train.seed)  # the initial weights are part of the run's identity
         self.model = LMUASR(cfg.model, augment=SpecAugment(cfg.data.specaug), max_frames=cfg.data.max_frames)
@@ -81,8 +90,14 @@ class Trainer:
                           self.info.rank, self.info.world_size, self.device.index, checkpoint=checkpoint)
 
     def epoch_batches(self, epoch: int) -> tuple[list, Any]:
-        batches, stats = epoch_plan(self.shards, self.cfg.data, self.cfg.model.downsample, epoch,
-                                    self.cfg.train.seed, self.info.rank, self.info.world_size)
+        if self.remote is not None:  # the merged order of the workers' streams
+            plans, _, stats = stream_plan(self.shards, self.cfg.data, self.cfg.model.downsample, epoch,
+                                          self.cfg.train.seed, self.info.rank, self.info.world_size,
+                                          self.cfg.data.num_workers)
+            batches = [plans[w][k] for w, k in interleave(plans)]
+        else:
+            batches, stats = epoch_plan(self.shards, self.cfg.data, self.cfg.model.downsample, epoch,
+                                        self.cfg.train.seed, self.info.rank, self.info.world_size)
         n = dist.all_reduce_min(len(batches), self.device)  # same step count on every rank: no hang
         n -= n % self.cfg.optim.grad_accum
         return batches[:n], stats
@@ -93,7 +108,8 @@ class Trainer:
         m = self.model
         flops = count_flops(m, 1, 400)
         lines = ["# resolved config", self.cfg.to_yaml().rstrip(), "", "# data",
-                 f"shards: {self.shards.directory} ({len(self.shards.shard_names)} shard(s), "
+                 f"shards: {self.remote.spec if self.remote else self.shards.directory} "
+                 f"({len(self.shards.shard_names)} shard(s), "
                  f"{len(self.shards)} utterances, {self.shards.num_frames.sum() / 360_000:.2f} h)"]
         if self.shards.damaged_shards:
             lines.append(f"damaged (skipped): {self.shards.damage_counts()} in {', '.join(self.shards.damaged_shards)}")
@@ -279,6 +295,11 @@ class Trainer:
         self.epoch_utts = 0 if self.batch_in_epoch == 0 else 1  # a resumed epoch already trained on some
         if self.dali is not None:
             n_batches, it = self.steps_per_epoch * accum, iter(self.dali)
+        elif self.remote is not None:
+            n_batches = len(self.epoch_batches(self.epoch)[0])
+            it = stream_loader(self.shards, self.remote, cfg.data, cfg.model.downsample, self.epoch, cfg.train.seed,
+                               self.info.rank, self.info.world_size, self.batch_in_epoch, n_batches,
+                               cfg.data.pin_memory and self.device.type == "cuda")
         else:
             batches, _ = self.epoch_batches(self.epoch)
             n_batches = len(batches)

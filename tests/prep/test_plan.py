@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from lmu_asr.prep.plan import RecordingJob, Segment, plan_groups, sanitize_key
@@ -68,3 +71,32 @@ def test_sanitize_key() -> None:
     assert sanitize_key("a.b/c d") == "a_b_c_d"
     long = sanitize_key("x" * 300)
     assert len(long) <= MAX_KEY_LEN and long != sanitize_key("x" * 299)
+
+
+def test_plan_only_counts_what_prep_writes_and_writes_no_shard(synth_corpus: Path, synth_shards: Path,
+                                                               tmp_path: Path) -> None:
+    from tests.helpers import run_cli
+
+    code, output = run_cli("prep", "--corpus-dir", str(synth_corpus), "--subset", "xs", "--out",
+                           str(tmp_path / "o"), "--shard-frames", "3000", "--shuffle-group", "2", "--plan-only",
+                           "--no-progress")
+    assert code == 0, output
+    meta = json.loads((synth_shards / "meta.json").read_text())
+    assert f"{meta['counts']['utterances']:,} segments" in output
+    assert f"{meta['counts']['rejected']:,} rejected" in output and f"{meta['counts']['shards']} shard(s)" in output
+    assert not list((tmp_path / "o").glob("shard-*")) and not (tmp_path / "o" / "index.parquet").exists()
+
+
+def test_bench_prep_plan_on_synthetic_gigaspeech(tmp_path: Path) -> None:
+    """The scaling bench runs the real prep up to decoding and the real index assembly, at toy sizes here."""
+    import pyarrow.parquet as pq
+
+    from lmu_asr.bench.prep_scale import simulate
+    from lmu_asr.bench.synthetic import write_synthetic_gigaspeech
+
+    corpus = write_synthetic_gigaspeech(tmp_path / "c", 3000, per_recording=50)
+    res = simulate(corpus, tmp_path / "o")
+    assert res["segments"] == res["index_rows"] == 3000
+    index = pq.read_table(tmp_path / "o" / "index.parquet")
+    assert index.num_rows == 3000 and len(set(index.column("key").to_pylist())) == 3000
+    assert set(res["timings"]) >= {"validate_input_s", "lhotse_manifests_s", "plan_groups_s", "finalize_s"}
