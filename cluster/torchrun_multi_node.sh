@@ -6,5 +6,7 @@ set -euo pipefail
 args=(train --shards "$SHARDS" --out "$RUN" --preset "${PRESET:-fast-h100}" --no-progress)
 [ -n "${DEV:-}" ] && args+=(--dev-shards "$DEV")
 [ -f "$RUN/checkpoints/last.pt" ] && args+=(--resume)
+# pre-flight: the environment is checked on this host before any GPU hour is spent (PREFLIGHT=0 skips it)
+if [ "${PREFLIGHT:-1}" != 0 ]; then "${LMUASR:-lmuasr}" doctor --path "$RUN" --min-free-gb "${MIN_FREE_GB:-20}" || { echo "pre-flight failed (see above; PREFLIGHT=0 skips it)" >&2; exit 1; }; fi
 exec torchrun --nnodes "${NNODES:-1}" --nproc-per-node "${GPUS:-8}" --rdzv-backend c10d \
   --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-lmuasr}" -m lmu_asr.cli "${args[@]}" "$@"

@@ -276,6 +276,145 @@ def transcribe(checkpoint: Path, files: tuple[Path, ...], beam: int, streaming: 
 
 
 @main.command()
+@click.option("--subset", required=True, help="xs, s, m, l, xl, dev or test (any case).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Corpus folder (GigaSpeech layout).")
+@click.option("--password", envvar="GIGASPEECH_PASSWORD", help="From GigaSpeech's owners (or $GIGASPEECH_PASSWORD).")
+@click.option("--host", default="tsinghua", show_default=True,
+              help="Mirror: tsinghua, speechocean, magicdata, or an http(s):// URL laid out like a release.")
+@user_errors
+def download(subset: str, out: Path, password: str | None, host: str) -> None:
+    """Download GigaSpeech (lhotse's downloader, speechcolab underneath): md5-checked, resumable."""
+    from lmu_asr.prep.download import download as run_download
+
+    res = run_download(subset, out, password or "", host)
+    click.echo(f"GigaSpeech {subset.upper()} in {out}: {res['gb_on_disk']:.2f} GB on disk, {res['seconds']:.0f} s; "
+               f"next: lmuasr prep --corpus-dir {out} --subset {subset.lower()} --out SHARDS")
+
+
+@main.command()
+@click.argument("shards", required=False, type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Verify a checkpoint instead (or as well).")
+@click.option("--report", type=click.Path(path_type=Path), help="JSON report (default: SHARDS/verify.json).")
+@click.option("--progress/--no-progress", default=True)
+@user_errors
+def verify(shards: Path | None, checkpoint: Path | None, report: Path | None, progress: bool) -> None:
+    """Read every member of every shard once and check it against the index; or check a checkpoint. Exit 1 if
+    anything is damaged."""
+    import json
+
+    from lmu_asr.fileio import atomic_write
+    from lmu_asr.verify import verify_checkpoint, verify_shards
+
+    if shards is None and checkpoint is None:
+        raise UserError("give a shard folder (lmuasr verify SHARDS) or --checkpoint CK")
+    bad = False
+    if shards is not None:
+        res = verify_shards(shards, progress)
+        click.echo(f"{res['ok']:,} of {res['utterances']:,} utterances intact in {res['shards']} shard(s); "
+                   f"{res['gb_read']:.2f} GB read in {res['seconds']:.1f} s ({res['gb_per_s']:.2f} GB/s)")
+        click.echo(f"feature statistics vs meta.json: mean within {res['stats']['max_mean_diff']:.1e}, std within "
+                   f"{100 * res['stats']['max_std_rel_diff']:.3f} %")
+        if res["damaged"]:
+            bad = True
+            click.echo(f"damaged: {res['damaged']:,} ({', '.join(f'{k} {v}' for k, v in res['by_reason'].items())})")
+            for e in res["examples"][:10]:
+                click.echo(f"  {e['key']}: {e['reason']}: {e['detail']}")
+        path = report or shards / "verify.json"
+        try:
+            atomic_write(path, json.dumps(res, indent=1))
+        except OSError:
+            if report is not None:
+                raise
+            path = Path(f"verify_{shards.resolve().name}.json")  # a read-only shard folder: here instead
+            atomic_write(path, json.dumps(res, indent=1))
+        click.echo(f"report: {path}")
+    if checkpoint is not None:
+        res = verify_checkpoint(checkpoint)
+        if res["problems"]:
+            bad = True
+            click.echo(f"checkpoint {checkpoint}: {len(res['problems'])} problem(s)")
+            for p in res["problems"][:20]:
+                click.echo(f"  {p}")
+        else:
+            click.echo(f"checkpoint {checkpoint}: loads safely, {res['parameters']:,} parameters "
+                       f"(preset {res['preset']}; step {res['step']}, epoch {res['epoch']}), every tensor matches "
+                       f"its config, 1 s of silence -> logits {res['output_shape_for_1s']}")
+            click.echo("  " + ", ".join(f"{k} {v:,}" for k, v in res["modules"].items()))
+    if bad:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="Any checkpoint transcribe accepts (averaged ones too).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Export folder.")
+@click.option("--chunk-frames", default=32, show_default=True, type=POS,
+              help="Frames per chunk of streaming.onnx (10 ms each; a multiple of the downsampling).")
+@user_errors
+def export(checkpoint: Path, out: Path, chunk_frames: int) -> None:
+    """ONNX models (offline; streaming with explicit state for causal models) + tokens, features, normalisation."""
+    from lmu_asr.export import export as run_export
+    from lmu_asr.train.checkpoint import model_from_checkpoint
+
+    model, cfg = model_from_checkpoint(checkpoint, "cpu")
+    report = run_export(model, cfg, out, chunk_frames)
+    click.echo(f"wrote {', '.join(report['files'])} to {out}")
+    click.echo(f"onnxruntime vs PyTorch: offline within {report['offline_max_diff']:.1e}"
+               + (f", streaming within {report['streaming_max_diff']:.1e}" if "streaming_max_diff" in report
+                  else f"; {report.get('streaming', '')}"))
+
+
+@main.command()
+@click.option("--run", type=click.Path(path_type=Path), help="A run folder: average its last epoch checkpoints.")
+@click.option("--last", default=5, show_default=True, type=click.IntRange(min=2), help="How many (with --run).")
+@click.option("--checkpoints", multiple=True, type=click.Path(path_type=Path), help="Or name them (repeatable).")
+@click.option("--out", type=click.Path(path_type=Path), help="Default: RUN/checkpoints/averaged_last{N}.pt.")
+@user_errors
+def average(run: Path | None, last: int, checkpoints: tuple[Path, ...], out: Path | None) -> None:
+    """Average the weights of several checkpoints into one that eval, transcribe and export accept."""
+    from lmu_asr.train import checkpoint as ckpt
+
+    if bool(run) == bool(checkpoints):
+        raise UserError("give --run RUN (with --last N) or --checkpoints A --checkpoints B ...")
+    if run is not None:
+        found = ckpt.epoch_checkpoints(run)
+        if len(found) < last:
+            raise UserError(f"{run} has {len(found)} epoch checkpoint(s), --last {last} needs {last}")
+        paths = found[-last:]
+        out = out or run / "checkpoints" / f"averaged_last{last}.pt"
+    else:
+        paths = list(checkpoints)
+        out = out or paths[-1].with_name(f"averaged_{len(paths)}.pt")
+    ckpt.atomic_save(ckpt.average(paths), out)
+    click.echo(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) into {out}")
+
+
+@main.command()
+@click.option("--path", "paths", multiple=True, type=click.Path(path_type=Path),
+              help="Where shards and checkpoints go: free disk is checked there (repeatable; default: .).")
+@click.option("--min-free-gb", default=20.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--quick", is_flag=True, help="Skip the torch.compile and DDP smoke tests (seconds each).")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor(paths: tuple[Path, ...], min_free_gb: float, quick: bool, as_json: bool) -> None:
+    """Check the environment before a long job: one line per check, the fix when it fails; exit 1 on failures."""
+    import json
+
+    from lmu_asr import doctor as doc
+
+    checks = doc.run_checks(list(paths) or [Path(".")], min_free_gb, quick)
+    if as_json:
+        click.echo(json.dumps(doc.as_json(checks), indent=1))
+    else:
+        for line in doc.format_checks(checks):
+            click.echo(line)
+    failed = [c.name for c in checks if c.status == "fail"]
+    if failed:
+        if not as_json:
+            click.echo(f"{len(failed)} required check(s) failed: {', '.join(failed)}", err=True)
+        sys.exit(1)
+
+
+@main.command()
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="PNG path (default RUN/curves.png).")
 @user_errors

@@ -21,3 +21,23 @@ def test_fsdd_own_split_wer(fsdd: Path, tmp_path: Path) -> None:
     assert test["wer"] <= 0.02, f"greedy WER {100 * test['wer']:.2f} % on FSDD's test split"
     assert summary["test"]["beam8"]["wer"] <= 0.02
     assert summary["seconds"]["train"] < 600  # the CPU budget of the quickstart
+    exported_model_agrees_on_real_speech(Path(summary["checkpoint"]), fsdd, tmp_path)
+
+
+def exported_model_agrees_on_real_speech(checkpoint: Path, fsdd: Path, tmp_path: Path) -> None:
+    """The exported model, run by examples/onnx_transcribe.py without torch (8 kHz audio: resampled), prints what
+    lmuasr transcribe prints, on 50 of FSDD's test recordings."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("kaldi_native_fbank") is None:
+        return  # the export extra is not installed: tests/test_export.py says so
+    from tests.helpers import read_transcripts
+    from tests.test_export import run_example, transcribe
+
+    code, output = run_cli("export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "export"))
+    assert code == 0, output
+    files = [fsdd / r["path"] for r in read_transcripts(fsdd) if r["utt_id"].endswith(("_00", "_01"))][:50]
+    assert len(files) == 50
+    expected = transcribe(checkpoint, files)
+    assert run_example(tmp_path, tmp_path / "export", files) == expected
+    assert sum(v != "" for v in expected.values()) >= 45

@@ -51,6 +51,8 @@ def lmuasr_args(command: str) -> list[str] | None:
         return ["train", "--shards", "S", "--out", "R", *words[1:]], words[0]
     if words[0] == "bash" and words[1] == "bench/gpu.sh":  # the GPU kit: `lmuasr bench gpu` underneath
         return ["bench", "gpu", *words[2:]], words[1]
+    if words[0] in ("python", "python3") and words[1].startswith("examples/"):
+        return words[1:]
     return None
 
 
@@ -84,6 +86,16 @@ def test_readme_has_the_two_setup_commands_and_many_others() -> None:
 def test_readme_command_parses(command: str) -> None:
     got = lmuasr_args(command)
     assert got is not None, f"README command of an unknown kind: {command}"
+    if isinstance(got, list) and got[0].startswith("examples/"):  # a standalone example: its own parser
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("example", ROOT / got[0])
+        module = importlib.util.module_from_spec(spec)
+        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("kaldi_native_fbank") is None:
+            pytest.skip("the example's dependencies (onnxruntime, kaldi-native-fbank) are not installed")
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        module.parser().parse_args(got[1:])
+        return
     if isinstance(got, tuple):  # a cluster script: it exists and passes its arguments on to `lmuasr train`
         args, script = got
         assert (ROOT / script).is_file(), script

@@ -107,8 +107,10 @@ def beam_texts(logits: Tensor, lengths: Tensor, beam: int = 8,
 
 
 def decode_texts(logits: Tensor, lengths: Tensor, beam: int = 0) -> list[str]:
-    """Greedy when ``beam <= 1``, prefix beam search otherwise."""
-    return greedy_texts(logits, lengths) if beam <= 1 else beam_texts(logits, lengths, beam)
+    """Greedy when ``beam <= 1``, prefix beam search otherwise; words separated by single spaces (a model may emit
+    a space at the edges or twice: that is not text)."""
+    texts = greedy_texts(logits, lengths) if beam <= 1 else beam_texts(logits, lengths, beam)
+    return [" ".join(t.split()) for t in texts]
 
 
 def collapse(path: Sequence[int]) -> tuple[int, ...]:

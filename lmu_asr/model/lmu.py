@@ -148,12 +148,12 @@ class LMULayer(nn.Module):
     frames (the state is the LMU memory at the end of what was seen).
     """
 
-    MODES = ("fft", "chunk", "memory")
+    MODES = ("fft", "chunk", "memory")  # training forms; "dft" (export) is set by lmu_asr.export
 
     def __init__(self, d_model: int, hidden: int, order: int, theta: float, memory_dim: int = 1,
                  mode: str = "fft", chunk: int = 64, activation: str = "gelu", max_len: int = 1024) -> None:
         super().__init__()
-        if mode not in self.MODES:
+        if mode not in (*self.MODES, "dft"):
             raise ValueError(f"unknown LMU mode {mode!r}; choose from {self.MODES}")
         self.mode, self.chunk = mode, int(chunk)
         self.memory_dim, self.hidden, self.order = memory_dim, hidden, order
@@ -180,6 +180,8 @@ class LMULayer(nn.Module):
                 return self.mem_proj(m.flatten(2))
             if self.mode == "fft":
                 return self._fft(u)
+            if self.mode == "dft":
+                return self._dft(u)
             return self._chunked(u, None)[0]
 
     def _fft(self, u: Tensor) -> Tensor:
@@ -193,6 +195,39 @@ class LMULayer(nn.Module):
         else:
             Yf = torch.einsum("bfc,fch->bfh", Uf, Kf)
         return torch.fft.irfft(Yf, n=n, dim=1)[:, :time]
+
+    def _dft(self, u: Tensor) -> Tensor:
+        """The ``memory`` or ``fft`` form with its FFTs written as real DFT matmuls: what ONNX can express.
+
+        ONNX has no real FFT that exporters produce from torch.fft, and the chunked form loops over a dynamic
+        number of chunks. A length-n DFT is two (n x F) matmuls with cos/sin matrices built in the graph from the
+        sequence length (angles from integer ``t*f mod n``, exact in float32), so the export keeps a dynamic time
+        axis. It costs O(T^2) like attention, and it transforms whichever is narrower: the memory (C x order
+        channels, then ``mem_proj``) or the folded kernel's output (hidden channels).
+        """
+        time = u.shape[1]
+        t = torch.arange(time, device=u.device)
+        f = torch.arange(time + 1, device=u.device)
+        n_t = 2 * (t[-1:] + 1)  # n as a tensor: exporters cannot take a remainder by a symbolic size
+        angle = torch.remainder(t[:, None] * f[None, :], n_t).to(u.dtype) * (2 * math.pi) / n_t.to(u.dtype)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        weight = torch.full((time + 1,), 2.0, dtype=u.dtype, device=u.device) / n_t.to(u.dtype)
+        weight = torch.cat([weight[:1] * 0.5, weight[1:-1], weight[-1:] * 0.5])  # DC and Nyquist once
+        Ur, Ui = torch.einsum("btc,tf->bfc", u, cos), -torch.einsum("btc,tf->bfc", u, sin)
+        H = self.memory.impulse(time)  # (T, order)
+        if self.memory_dim * self.order <= self.hidden:  # transform the memory, then project it
+            Hr, Hi = cos.T @ H, -(sin.T @ H)  # (F, order)
+            Mr = Ur[..., None] * Hr[None, :, None, :] - Ui[..., None] * Hi[None, :, None, :]
+            Mi = Ur[..., None] * Hi[None, :, None, :] + Ui[..., None] * Hr[None, :, None, :]
+            m = (torch.einsum("bfco,tf->btco", Mr * weight[None, :, None, None], cos)
+                 - torch.einsum("bfco,tf->btco", Mi * weight[None, :, None, None], sin))
+            return self.mem_proj(m.flatten(2))
+        K = self._folded_kernel(H)  # (T, C, hidden)
+        Kr, Ki = torch.einsum("tf,tch->fch", cos, K), -torch.einsum("tf,tch->fch", sin, K)
+        Yr = torch.einsum("bfc,fch->bfh", Ur, Kr) - torch.einsum("bfc,fch->bfh", Ui, Ki)
+        Yi = torch.einsum("bfc,fch->bfh", Ur, Ki) + torch.einsum("bfc,fch->bfh", Ui, Kr)
+        return (torch.einsum("bfh,tf->bth", Yr * weight[None, :, None], cos)
+                - torch.einsum("bfh,tf->bth", Yi * weight[None, :, None], sin))
 
     def _chunked(self, u: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
         """Chunked form; returns (W_m m for every frame, final memory state (batch, C, order))."""

@@ -116,3 +116,39 @@ def save_best(payload: dict[str, Any], ckpt_dir: Path, epoch: int) -> Path:
         if old != path:
             old.unlink()
     return path
+
+
+def epoch_checkpoints(run_dir: Path) -> list[Path]:
+    """``checkpoint_epoch_{e}.pt`` of a run (not the best copy), in epoch order."""
+    found = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("checkpoint_epoch_*.pt")
+             if (m := re.fullmatch(r"checkpoint_epoch_(\d+)\.pt", p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def average(paths: list[Path]) -> dict[str, Any]:
+    """The element-wise mean of the weights of checkpoints of one model (the same config and tensors).
+
+    Averaging the last few epochs' weights smooths the noise of the final steps; it needs no data and gives a
+    checkpoint ``eval``, ``transcribe`` and ``export`` take like any other. Float tensors are averaged in float64;
+    integer buffers are taken from the last checkpoint.
+    """
+    if len(paths) < 2:
+        raise UserError("averaging needs at least two checkpoints")
+    states = [load(p) for p in paths]
+    for p, st in zip(paths, states, strict=True):
+        if "model" not in st or "config" not in st:
+            raise UserError(f"{p} is not an lmu-asr checkpoint")
+        if st["config"]["model"] != states[-1]["config"]["model"]:
+            raise UserError(f"{p} is a different model (model config differs from {paths[-1]})")
+        if st["model"].keys() != states[-1]["model"].keys():
+            raise UserError(f"{p} holds other tensors than {paths[-1]}")
+    model = {}
+    for name, last in states[-1]["model"].items():
+        if last.is_floating_point():
+            total = sum(st["model"][name].double() for st in states)
+            model[name] = (total / len(states)).to(last.dtype)
+        else:
+            model[name] = last
+    return {"version": __version__, "config": states[-1]["config"], "model": model,
+            "averaged_from": [str(p) for p in paths], "step": states[-1].get("step"),
+            "epoch": states[-1].get("epoch")}

@@ -37,7 +37,7 @@ from lmu_asr.model.asr import LMUASR, count_flops
 from lmu_asr.train import checkpoint as ckpt
 from lmu_asr.train import dist
 from lmu_asr.train.evaluate import evaluate
-from lmu_asr.train.metrics import JsonlLog, TensorBoard, Throughput, read_jsonl
+from lmu_asr.train.metrics import DeviceMonitor, JsonlLog, TensorBoard, Throughput, read_jsonl
 from lmu_asr.train.step import MetricReader, StepRunner, step_record, step_seed
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,7 @@ class Trainer:
         total_steps = cfg.optim.total_steps or max(1, self.steps_per_epoch * cfg.train.epochs)
         self.runner = StepRunner(self.model, cfg, self.device, self.info, total_steps, self.debug)
         self.reader = MetricReader(self.device)
+        self.monitor = DeviceMonitor(self.device)
         self.sampler = PlanSampler()  # one loader for the run: its workers persist across epochs
         self.loader = make_loader(BatchDataset(self.shards, None, cfg.model.downsample),
                                   num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch,
@@ -325,8 +326,12 @@ class Trainer:
             bar.update(1)
             if self.step % max(cfg.train.log_every, 1) == 0:
                 r = meter.rates()
+                dev = self._device_note
+                mem = dev.get("peak_mem_gb", dev.get("rss_gb"))
                 bar.set_postfix_str(f"loss {self._last_loss:.3f} | {r['utt_per_s']:.0f} utt/s | "
-                                    f"{r['audio_s_per_s']:.0f} audio-s/s | wait {100 * r['data_wait']:.0f}%")
+                                    f"{r['audio_s_per_s']:.0f} audio-s/s | wait {100 * r['data_wait']:.0f}%"
+                                    + (f" | mem {mem:.2f} GB" if mem is not None else "")
+                                    + (f" | gpu {dev['gpu_util']:.0f}%" if "gpu_util" in dev else ""))
             if cfg.train.save_every and self.step % cfg.train.save_every == 0:
                 self._save_last()
             if self._preempted():
@@ -342,6 +347,7 @@ class Trainer:
         return "epoch_end"
 
     _last_loss = float("nan")
+    _device_note: dict = {}  # noqa: RUF012 (the last record with device figures, for the progress bar)
 
     def _optimizer_step(self, micro: list[dict]) -> None:
         out = self.runner(micro, step_seed(self.cfg.train.seed, self.step + 1, self.info.rank))
@@ -357,12 +363,17 @@ class Trainer:
     def _log(self, ready: list[tuple[list[float], dict]]) -> None:
         for values, meta in ready:
             record = step_record(values, meta)
+            if record["step"] % max(self.cfg.train.log_every, 1) == 0:
+                record.update(self.monitor.sample())  # this interval's peak memory (and GPU utilisation)
+                self._device_note = record
             bad = record["non_finite"]
             self.bad_streak = self.bad_streak + 1 if bad else 0
             self.bad_total += int(bad)
             self._last_loss = record["loss"]
             self.steplog.write(record)
-            self.tb.scalars(record["step"], {"train/loss": record["loss"], "train/lr": record["lr"]})
+            self.tb.scalars(record["step"], {"train/loss": record["loss"], "train/lr": record["lr"],
+                                             **{f"device/{k}": v for k, v in record.items()
+                                                if k in ("peak_mem_gb", "rss_gb", "gpu_util")}})
             if bad:
                 log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", record["step"],
                             self.bad_streak)

@@ -9,6 +9,8 @@ lines past the checkpoint's step are dropped first, so a killed-and-resumed run 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -103,8 +105,43 @@ class Throughput:
                 "data_wait": self.wait / dt, "padding": 1 - self.frames / max(self.padded, 1)}
 
 
+class DeviceMonitor:
+    """Peak device memory since the last sample, and GPU utilisation, for every logged step.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (allocator statistics: no device synchronisation), reset at each
+    sample so each record holds its own interval's peak; utilisation from NVML when ``pynvml`` (PyPI
+    ``nvidia-ml-py``, extra ``monitor``) is installed, else a one-time note. CPU: the process's resident memory.
+    """
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.nvml = None
+        if device.type == "cuda":
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self.nvml = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+                self._util = pynvml.nvmlDeviceGetUtilizationRates
+            except Exception:  # missing package, missing driver library: utilisation is optional
+                logging.getLogger(__name__).info("GPU utilisation is not logged: pip install 'lmu-asr[monitor]' "
+                                                 "(nvidia-ml-py) for it")
+
+    def sample(self) -> dict[str, float]:
+        import torch
+
+        if self.device.type == "cuda":
+            out = {"peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9}
+            torch.cuda.reset_peak_memory_stats(self.device)
+            if self.nvml is not None:
+                out["gpu_util"] = float(self._util(self.nvml).gpu)
+            return out
+        with open("/proc/self/statm") as f:
+            return {"rss_gb": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9}
+
+
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
-    """Training loss (and dev loss / WER when present) against step, as a PNG."""
+    """Training loss (and dev loss / WER, device memory and utilisation when present) against step, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,7 +151,20 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     evals = read_jsonl(run_dir / "eval.jsonl")
     if not steps:
         raise FileNotFoundError(f"{run_dir / 'log.jsonl'} has no steps to plot")
-    fig, ax = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 3.5), squeeze=False)
+    mem_key = next((k for k in ("peak_mem_gb", "rss_gb") if any(k in r for r in steps)), None)
+    panels = 1 + bool(evals) + bool(mem_key)
+    fig, ax = plt.subplots(1, panels, figsize=(5.5 * panels, 3.5), squeeze=False)
+    if mem_key:
+        dev_ax = ax[0, panels - 1]
+        pts = [(r["step"], r[mem_key]) for r in steps if mem_key in r]
+        dev_ax.plot(*zip(*pts, strict=True), lw=0.8, color="tab:red")
+        dev_ax.set(xlabel="step", ylabel="peak device memory (GB)" if mem_key == "peak_mem_gb" else
+                   "resident memory (GB)")
+        util = [(r["step"], r["gpu_util"]) for r in steps if "gpu_util" in r]
+        if util:
+            twin = dev_ax.twinx()
+            twin.plot(*zip(*util, strict=True), lw=0.8, color="tab:blue")
+            twin.set_ylabel("GPU utilisation (%)", color="tab:blue")
     ax[0, 0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train")
     if evals:
         ax[0, 0].plot([r["step"] for r in evals], [r["dev_loss"] for r in evals], "o-", label="dev")

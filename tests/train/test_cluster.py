@@ -59,12 +59,19 @@ def test_multi_gpu_sbatch_under_a_stand_in_srun(train_shards: Path, tmp_path: Pa
     run = tmp_path / "run"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "777",
            "SLURM_JOB_NODELIST": "localhost", "SHARDS": str(train_shards), "RUN": str(run), "PRESET": "cpu-tiny",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "MIN_FREE_GB": "1000000"}
     extra = ["--max-steps", "3", "--batch-frames", "3000", "--device", "cpu"]
     res = subprocess.run(["bash", str(ROOT / "cluster" / "train_multi_gpu.sbatch"), *extra], env=env,
                          capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "pre-flight failed" in res.stderr and "✗ disk" in res.stdout  # nothing ran
+    assert not (run / "log.jsonl").exists()
+    env["MIN_FREE_GB"] = "0"
+    res = subprocess.run(["bash", str(ROOT / "cluster" / "train_multi_gpu.sbatch"), *extra], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "✓ DDP (gloo)" in res.stdout  # the pre-flight checks ran first
     assert [r["step"] for r in read_jsonl(run / "log.jsonl")] == [1, 2, 3]
+    env["PREFLIGHT"] = "0"
     extra[1] = "5"  # a requeued job runs the same script with the same flags; here it may also run longer
     res = subprocess.run(["bash", str(ROOT / "cluster" / "train_multi_gpu.sbatch"), *extra], env=env,
                          capture_output=True, text=True, timeout=300)
