@@ -89,14 +89,17 @@ def greedy(log_probs: np.ndarray, symbols: list[str]) -> str:
     return " ".join(text.split())  # as lmuasr transcribe prints it: single spaces, none at the edges
 
 
-def streaming_log_probs(sess: ort.InferenceSession, feats: np.ndarray, chunk: int, keep: int | None) -> np.ndarray:
-    inputs = sess.get_inputs()
+def streaming_log_probs(sess: ort.InferenceSession, feats: np.ndarray, chunk: int, model: dict) -> np.ndarray:
+    """The stream chunk by chunk; the state is every input after ``valid``, each output ``new_X`` its next value."""
+    keep = model["attn_left"] if model["attention"] == "window" else None
     state = {}
-    for i in inputs[2:]:
+    for i in sess.get_inputs()[2:]:
         shape = [1 if isinstance(d, str) or d is None else d for d in i.shape]
         if i.name.startswith(("key", "value")):
             shape[2] = 0  # an empty attention cache
         state[i.name] = np.zeros(shape, np.float32)
+    if "norm_window_mean" in state:  # causal normalisation: the mean of the first window, known after it passed
+        state["norm_window_mean"] = feats[: model["utterance_norm_window"]].mean(0, keepdims=True)
     pieces = []
     for start in range(0, len(feats), chunk):
         piece = feats[start:start + chunk]
@@ -104,9 +107,10 @@ def streaming_log_probs(sess: ort.InferenceSession, feats: np.ndarray, chunk: in
         piece = np.pad(piece, ((0, chunk - valid), (0, 0)))[None]
         outs = sess.run(None, {"feats": piece, "valid": np.array([valid], np.int64), **state})
         pieces.append(outs[0][0, : (start + valid + 1) // 2 - start // 2])  # outputs of real frames only
-        for i, value in zip(inputs[2:], outs[1:], strict=True):
-            trim = keep is not None and i.name.startswith(("key", "value"))
-            state[i.name] = value[:, :, -keep:] if trim else value
+        for meta, value in zip(sess.get_outputs()[1:], outs[1:], strict=True):
+            name = meta.name.removeprefix("new_")
+            trim = keep is not None and name.startswith(("key", "value"))
+            state[name] = value[:, :, -keep:] if trim else value
     return np.concatenate(pieces)
 
 
@@ -134,7 +138,6 @@ def main() -> int:
         return 2
     sess = ort.InferenceSession(str(d / name), so, providers=["CPUExecutionProvider"])
     model = config["config"]["model"]
-    keep = model["attn_left"] if model["attention"] == "window" else None
     failed, busy, audio = 0, 0.0, 0.0
     for path in args.files:
         try:
@@ -142,7 +145,7 @@ def main() -> int:
             t = time.perf_counter()
             feats = fbank(samples, options)
             if args.streaming:
-                log_probs = streaming_log_probs(sess, feats, config["chunk_frames"], keep)
+                log_probs = streaming_log_probs(sess, feats, config["chunk_frames"], model)
             else:
                 log_probs = sess.run(None, {"feats": feats[None], "lengths": np.array([len(feats)], np.int64)})[0][0]
             busy += time.perf_counter() - t

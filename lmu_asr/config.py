@@ -36,8 +36,13 @@ class ModelConfig:
     attention: str = "full"  # full | causal | window (window: attn_left frames of past, none of future)
     attn_left: int = 64
     input_bins: int = 0  # >0: use only the lowest N mel bins (narrowband audio: ~60 of 80 bins hold 0-4 kHz)
-    # also normalise by each utterance's own statistics (channel/speaker normalisation): none | mean | meanvar
-    utterance_norm: str = "none"
+    # also normalise by each utterance's own statistics (channel/speaker normalisation): none | mean | meanvar |
+    # causal (the running mean of the frames so far: the same offline and streaming; the default, measured best of
+    # the streaming-safe options on unheard FSDD speakers: see README)
+    utterance_norm: str = "causal"
+    # causal: frames before this many are normalised by the mean of the first window (a lookahead of up to 1 s at
+    # the start of a stream only); later frames by the mean of everything up to them
+    utterance_norm_window: int = 100
     blank_bias: float = 3.0  # initial blank logit bias (≈ log 28: blank starts near 50 %); see model/asr.py
     # recompute each block's activations in the backward instead of keeping them: less memory, ~1/3 more compute
     activation_checkpointing: bool = False
@@ -322,8 +327,10 @@ def validate(cfg: Config) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     if m.d_model % m.n_heads:
         raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
-    if m.utterance_norm not in ("none", "mean", "meanvar"):
-        raise ValueError(f"model.utterance_norm must be none, mean or meanvar, not {m.utterance_norm!r}")
+    if m.utterance_norm not in ("none", "mean", "meanvar", "causal"):
+        raise ValueError(f"model.utterance_norm must be none, mean, meanvar or causal, not {m.utterance_norm!r}")
+    if m.utterance_norm_window < 1:
+        raise ValueError("model.utterance_norm_window must be >= 1")
     if m.attention not in ("full", "causal", "window"):
         raise ValueError(f"model.attention must be full, causal or window, not {m.attention!r}")
     if m.lmu_mode not in ("auto", "fft", "chunk", "memory"):

@@ -55,6 +55,7 @@ class DemoOptions:
     seed: int = 0
     jobs: int = 2
     beam: int = 8
+    lm: bool = True  # build a word LM from the training transcripts, tune it on DEV, decode TEST with it
     progress: bool = True
 
 
@@ -159,7 +160,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     out, t_start = opts.out, time.perf_counter()
     (out / "corpus").mkdir(parents=True, exist_ok=True)
     spec_file = out / "demo.json"
-    spec = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k not in ("progress", "jobs")}
+    spec = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k not in ("progress", "jobs", "lm")}
     if spec_file.is_file() and json.loads(spec_file.read_text()) != spec:
         raise UserError(f"{out} holds a demo run with other options; choose a new --out")
     atomic_write(spec_file, json.dumps(spec, indent=1))
@@ -218,14 +219,26 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     test = ShardSet.open(shards["test"])
     results = {"greedy": evaluate(model, test, mcfg, device, 0, keep_hyps=True),
                f"beam{opts.beam}": evaluate(model, test, mcfg, device, opts.beam)}
-    atomic_write(run / "eval_test.json", json.dumps(results, indent=1))
     timings["eval"] = time.perf_counter() - t
+    words, tuned = None, None
+    if opts.lm:
+        t = _step("word LM", f"lmuasr lm build --shards {shards['train']} --out {out / 'lm'} && lmuasr tune-lm "
+                             f"--checkpoint {ckpt} --shards {shards['dev']} --lm {out / 'lm'} && lmuasr eval ... "
+                             f"--lm {out / 'lm'}")
+        words, tuned = lm_stage(model, mcfg, device, shards, out / "lm", str(ckpt))
+        key = words.opts.label()
+        results[key] = evaluate(model, test, mcfg, device, keep_hyps=True, decoder=words.decode)
+        print(f"   LM weight {words.opts.lm_weight:g}, word score {words.opts.word_score:g} (DEV WER "
+              f"{100 * tuned['dev_wer']:.2f} %); TEST WER {100 * results[key]['wer']:.2f} % "
+              f"(greedy {100 * results['greedy']['wer']:.2f} %)", flush=True)
+        timings["lm"] = time.perf_counter() - t
+    atomic_write(run / "eval_test.json", json.dumps(results, indent=1))
 
     samples = sorted(p for p in (out / "samples").iterdir() if p.suffix != ".tsv")
     t = _step("transcribe", f"lmuasr transcribe --checkpoint {ckpt} {' '.join(str(p) for p in samples)}")
     refs = dict(line.split("\t", 1) for line in (out / "samples" / "references.tsv").read_text().splitlines())
     transcripts = [{"file": str(p), "reference": refs.get(p.stem, ""), "hypothesis": text}
-                   for p, text, _ in transcribe_files(model, samples)]
+                   for p, text, _ in transcribe_files(model, samples, words=words)]
     for tr in transcripts:
         print(f"   {tr['file']}\t{tr['hypothesis']}   (ref: {tr['reference']})")
     timings["transcribe"] = time.perf_counter() - t
@@ -240,6 +253,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                "epochs": cfg.train.epochs, "train": result, "checkpoint": str(ckpt),
                "parameters": model.num_parameters(),
                "test": {k: {m: v[m] for m in ("wer", "cer", "utterances", "ref_words")} for k, v in results.items()},
+               "lm": tuned,
                "transcripts": transcripts,
                "bench": {"device": str(device), **{k: bench.get(k) for k in (
                    "batch", "frames", "utt_per_s", "audio_s_per_s", "it_per_s", "max_rss_gb", "max_allocated_gb",
@@ -250,26 +264,45 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     return summary
 
 
+def lm_stage(model: Any, cfg: Any, device: Any, shards: dict[str, Path], lm_dir: Path,
+             checkpoint: str) -> tuple[Any, dict]:
+    """Build the word LM from the training transcripts and tune it on DEV (the demo's `lm build` + `tune-lm`)."""
+    from lmu_asr.data.shards import ShardSet
+    from lmu_asr.lm.build import build_lm, shard_texts
+    from lmu_asr.lm.decode import WordDecoder, load_options
+    from lmu_asr.lm.tune import tune
+    from lmu_asr.train.evaluate import evaluate
+
+    build_lm(shard_texts(shards["train"]), lm_dir, 3, [str(shards["train"])])
+    dev: list = []
+    evaluate(model, ShardSet.open(shards["dev"]), cfg, device, collect=dev)
+    tuned = tune(lm_dir, dev, checkpoint=checkpoint)
+    return WordDecoder(lm_dir, load_options(lm_dir)), tuned
+
+
 def report_markdown(s: dict[str, Any], results: dict[str, Any]) -> str:
-    greedy, beam_key = s["test"]["greedy"], next(k for k in s["test"] if k.startswith("beam"))
-    errors = [h for h in results["greedy"].get("hypotheses", []) if h[1] != h[2]][:10]
+    best = min(s["test"], key=lambda k: s["test"][k]["wer"])
+    errors = [h for h in results[best].get("hypotheses", []) if h[1] != h[2]][:10]
+    lm = s.get("lm")
     lines = [
         "# lmu-asr demo report", "",
         f"Corpus: {s['corpus']}" + (f"; test speakers: {', '.join(s['test_speakers'])}" if s["test_speakers"]
                                     else f"; test pattern: {s['test_pattern']}" if s["test_pattern"] else ""),
         f"Model: preset `{s['preset']}`, {s['parameters']:,} parameters, {s['epochs']} epochs "
         f"({s['train']['step']} steps, {s['seconds']['train']:.0f} s on this CPU).", "",
-        "| test set | WER | CER | utterances |", "|---|---|---|---|",
-        f"| greedy | {100 * greedy['wer']:.2f} % | {100 * greedy['cer']:.2f} % | {greedy['utterances']} |",
-        f"| {beam_key} | {100 * s['test'][beam_key]['wer']:.2f} % | {100 * s['test'][beam_key]['cer']:.2f} % | "
-        f"{s['test'][beam_key]['utterances']} |", "",
+        "| decoder (held-out test) | WER | CER | utterances |", "|---|---|---|---|",
+        *[f"| {k} | {100 * v['wer']:.2f} % | {100 * v['cer']:.2f} % | {v['utterances']} |"
+          for k, v in s["test"].items()], "",
+        (f"The word LM: a 3-gram (Kneser-Ney) of the training transcripts and their lexicon; LM weight "
+         f"{lm['options']['lm_weight']:g} and word score {lm['options']['word_score']:g} chosen on DEV "
+         f"(WER {100 * lm['dev_wer']:.2f} % there), never on TEST." if lm else "No word LM (--no-lm)."), "",
         f"Training throughput (bench, batch {s['bench']['batch']} x {s['bench']['frames']} frames, "
         f"{s['bench']['device']}): {s['bench']['utt_per_s']:.0f} utt/s, {s['bench']['audio_s_per_s']:.0f} "
         f"audio-s/s, peak memory {s['bench'].get('max_allocated_gb') or s['bench']['max_rss_gb']:.2f} GB.", "",
         "![training curves](run/curves.png)", "", "## Sample transcriptions", "",
         "| file | reference | hypothesis |", "|---|---|---|",
         *[f"| {Path(t['file']).name} | {t['reference']} | {t['hypothesis']} |" for t in s["transcripts"]], "",
-        "## Some test errors (greedy)", "", "| key | reference | hypothesis |", "|---|---|---|",
+        f"## Some test errors ({best})", "", "| key | reference | hypothesis |", "|---|---|---|",
         *[f"| {k} | {r} | {h} |" for k, r, h in errors], "",
         "## Time (s)", "", "| stage | seconds |", "|---|---|",
         *[f"| {k} | {v:.1f} |" for k, v in s["seconds"].items()], ""]
@@ -277,11 +310,10 @@ def report_markdown(s: dict[str, Any], results: dict[str, Any]) -> str:
 
 
 def summary_screen(s: dict[str, Any]) -> str:
-    beam_key = next(k for k in s["test"] if k.startswith("beam"))
     return "\n".join([
         "", "== lmu-asr demo: done",
-        f"   test WER {100 * s['test']['greedy']['wer']:.2f} % greedy, {100 * s['test'][beam_key]['wer']:.2f} % "
-        f"{beam_key} ({s['test']['greedy']['utterances']} held-out utterances)",
+        "   test WER " + ", ".join(f"{100 * v['wer']:.2f} % {k}" for k, v in s["test"].items())
+        + f" ({s['test']['greedy']['utterances']} held-out utterances)",
         f"   training: {s['train']['step']} steps in {s['seconds']['train']:.0f} s; bench "
         f"{s['bench']['utt_per_s']:.0f} utt/s, {s['bench']['audio_s_per_s']:.0f} audio-s/s on {s['bench']['device']}",
         f"   model: {s['checkpoint']}", f"   report: {Path(s['curves']).parent.parent / 'report.md'}",

@@ -67,11 +67,27 @@ class StreamingGraph(nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model).float().eval()
         self.cfg = model.cfg
+        self.causal_norm = model.cfg.utterance_norm == "causal"
 
     def forward(self, feats: Tensor, valid: Tensor, history: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         enc, n_blocks = self.model.encoder, len(self.model.encoder.blocks)
+        norm: tuple[Tensor, ...] = ()
+        if self.causal_norm:  # causal utterance normalisation (see LMUASR.causal_means): its sums are state too
+            window_mean, total, seen, state = state[0], state[1], state[2], state[3:]
+            x = (feats.float() - self.model.feat_mean) / self.model.feat_std
+            live = (torch.arange(x.shape[1], device=x.device)[None, :] < valid[:, None])[..., None].to(x.dtype)
+            csum = total[:, None, :] + torch.cumsum(x * live, dim=1)
+            t = seen[:, None] + torch.arange(x.shape[1], device=x.device, dtype=x.dtype)[None, :]
+            first = (window_mean - self.model.feat_mean) / self.model.feat_std  # the client's raw mean, normalised
+            means = torch.where((t < self.cfg.utterance_norm_window)[..., None], first[:, None, :],
+                                csum / (t + 1)[..., None])
+            x = (x - means) * live
+            if self.cfg.input_bins:
+                x = x * (torch.arange(x.shape[2], device=x.device) < self.cfg.input_bins).to(x.dtype)
+            norm = (csum[:, -1], seen + valid.to(x.dtype))
+        else:
+            x = self.model.normalize(feats, valid)
         lmu, keys, values = state[:n_blocks], state[n_blocks:2 * n_blocks], state[2 * n_blocks:]
-        x = self.model.normalize(feats, valid)
         full = torch.cat([history, x], dim=1)
         new_history = full[:, -self.cfg.downsample:]
         h = enc.downsample.conv(full.transpose(1, 2)).transpose(1, 2)
@@ -95,29 +111,33 @@ class StreamingGraph(nn.Module):
             new_keys.append(k)
             new_values.append(v)
         log_probs = self.model.head(enc.norm(h)).log_softmax(-1)
-        return (log_probs, new_history, *new_lmu, *new_keys, *new_values)
+        return (log_probs, new_history, *norm, *new_lmu, *new_keys, *new_values)
 
     def initial_state(self, batch: int = 1, past: int = 0) -> list[Tensor]:
         cfg, enc = self.cfg, self.model.encoder
         hd = cfg.d_model // cfg.n_heads
         out = [torch.zeros(batch, cfg.downsample, cfg.n_mels)]
+        if self.causal_norm:
+            out += [torch.zeros(batch, cfg.n_mels), torch.zeros(batch, cfg.n_mels), torch.zeros(batch)]
         out += [torch.zeros(batch, cfg.lmu_memory_dim, cfg.lmu_order) for _ in enc.blocks]
         out += [torch.zeros(batch, cfg.n_heads, past, hd) for _ in range(2 * len(enc.blocks))]
         return out
 
     def names(self) -> tuple[list[str], list[str]]:
         n = len(self.model.encoder.blocks)
-        state = [f"lmu_state_{i}" for i in range(n)] + [f"key_{i}" for i in range(n)] + [f"value_{i}" for i in
-                                                                                         range(n)]
-        return ["feats", "valid", "history", *state], ["log_probs", "new_history", *[f"new_{s}" for s in state]]
+        norm = ["norm_window_mean", "norm_total", "norm_seen"] if self.causal_norm else []
+        state = norm + [f"lmu_state_{i}" for i in range(n)] + [f"key_{i}" for i in range(n)] + \
+            [f"value_{i}" for i in range(n)]
+        outputs = [f"new_{s}" for s in state if s != "norm_window_mean"]
+        return ["feats", "valid", "history", *state], ["log_probs", "new_history", *outputs]
 
 
 def can_stream(model: LMUASR) -> str | None:
     """Why this model cannot be exported for streaming, or None."""
     if model.cfg.attention == "full":
         return "full-context attention needs the whole utterance (train with model.attention=causal or window)"
-    if model.cfg.utterance_norm != "none":
-        return "whole-utterance normalisation (model.utterance_norm) needs the whole utterance"
+    if model.cfg.utterance_norm not in ("none", "causal"):
+        return "whole-utterance normalisation (model.utterance_norm=mean/meanvar) needs the whole utterance"
     return None
 
 
@@ -231,21 +251,23 @@ def run_stream(out: Path, feats: np.ndarray, chunk_frames: int, keep: int | None
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(out / "streaming.onnx"), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    shapes = {i.name: i.shape for i in sess.get_inputs()}
-    state = {n: np.zeros([1 if isinstance(d, str) or d is None else d for d in shapes[n]], np.float32)
-             for n in names[2:]}
-    for n in state:
-        if n.startswith(("key", "value")):
-            state[n] = np.zeros((1, shapes[n][1], 0, shapes[n][3]), np.float32)
+    model = json.loads((out / "config.json").read_text())["config"]["model"]
+    state = {}
+    for i in sess.get_inputs()[2:]:
+        shape = [1 if isinstance(d, str) or d is None else d for d in i.shape]
+        if i.name.startswith(("key", "value")):
+            shape[2] = 0  # an empty attention cache
+        state[i.name] = np.zeros(shape, np.float32)
+    if "norm_window_mean" in state:  # causal normalisation: the raw mean of the first window (the client waits for it)
+        state["norm_window_mean"] = feats[: model["utterance_norm_window"]].mean(0, keepdims=True).astype(np.float32)
     pieces, total = [], feats.shape[0]
     for start in range(0, total, chunk_frames):
         chunk = feats[start:start + chunk_frames]
         valid = chunk.shape[0]
         chunk = np.pad(chunk, ((0, chunk_frames - valid), (0, 0)))[None].astype(np.float32)
         outs = sess.run(None, {"feats": chunk, "valid": np.array([valid], np.int64), **state})
-        keep_out = (start + valid + 1) // 2 - start // 2
-        pieces.append(outs[0][0, :keep_out])
-        for name, value in zip(names[2:], outs[1:], strict=True):
+        pieces.append(outs[0][0, : (start + valid + 1) // 2 - start // 2])
+        for meta, value in zip(sess.get_outputs()[1:], outs[1:], strict=True):
+            name = meta.name.removeprefix("new_")
             state[name] = value[:, :, -keep:] if keep is not None and name.startswith(("key", "value")) else value
     return np.concatenate(pieces, axis=0)

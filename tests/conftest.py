@@ -93,3 +93,14 @@ def tiny_run(synth_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
                            "--max-steps", "4", "--save-every", "2", "--no-progress", "--workers", "0")
     assert code == 0, output
     return run
+
+
+@pytest.fixture(scope="session")
+def window_run(synth_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small window-attention model (streams exactly), trained long enough to say something."""
+    run = tmp_path_factory.mktemp("window") / "run"
+    code, output = run_cli("train", "--shards", str(synth_shards), "--out", str(run), "--preset", "cpu-tiny",
+                           "--set", "model.attention=window", "--set", "model.attn_left=24", "--epochs", "6",
+                           "--workers", "0", "--no-progress", "--lr", "3e-3")
+    assert code == 0, output
+    return run

@@ -63,17 +63,6 @@ def speech_files(tmp_path: Path, n: int = 6) -> list[Path]:
     return files
 
 
-@pytest.fixture(scope="module")
-def window_run(synth_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small window-attention model (streams exactly), trained long enough to say something."""
-    run = tmp_path_factory.mktemp("export") / "run"
-    code, output = run_cli("train", "--shards", str(synth_shards), "--out", str(run), "--preset", "cpu-tiny",
-                           "--set", "model.attention=window", "--set", "model.attn_left=24", "--epochs", "6",
-                           "--workers", "0", "--no-progress", "--lr", "3e-3")
-    assert code == 0, output
-    return run
-
-
 def test_export_streaming_model_and_the_example_agree_with_transcribe(window_run: Path, tmp_path: Path) -> None:
     ck = window_run / "checkpoints" / "last.pt"
     out = tmp_path / "export"
@@ -146,3 +135,22 @@ def test_example_features_match_prep(tmp_path: Path) -> None:
         ours = example.fbank(example.load(str(tmp_path / f"x{rate}.wav")), FBANK)
         ref = compute_fbank(load_audio(tmp_path / f"x{rate}.wav")[0])
         assert ours.shape == ref.shape and np.abs(ours - ref).max() < 2e-3, rate
+
+
+def test_causal_normalisation_streams_in_onnx(tmp_path: Path) -> None:
+    """A model with causal utterance normalisation exports streaming.onnx (the first window's mean is the
+    client's); the self-check compares it chunk by chunk with PyTorch, and the example runs it."""
+    from lmu_asr.config import load_config
+    from lmu_asr.model.asr import LMUASR
+    from lmu_asr.train.checkpoint import atomic_save, checkpoint_payload
+
+    cfg = load_config("cpu-tiny", None, {"model.attention": "causal", "model.utterance_norm": "causal",
+                                         "model.utterance_norm_window": 30})
+    torch.manual_seed(0)
+    model = LMUASR(cfg.model)
+    atomic_save(checkpoint_payload(model, cfg), tmp_path / "ck.pt")
+    code, output = run_cli("export", "--checkpoint", str(tmp_path / "ck.pt"), "--out", str(tmp_path / "e"),
+                           "--chunk-frames", "16")
+    assert code == 0 and "streaming within" in output, output
+    files = speech_files(tmp_path, 2)
+    assert set(run_example(tmp_path, tmp_path / "e", files, "--streaming")) == {str(f) for f in files}

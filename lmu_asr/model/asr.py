@@ -50,7 +50,9 @@ class LMUASR(nn.Module):
         single-utterance padding look the same to the causal downsampler)."""
         x = (feats.float() - self.feat_mean) / self.feat_std
         valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None])[..., None].to(x.dtype)
-        if self.cfg.utterance_norm != "none":  # whole-utterance statistics: not for streaming
+        if self.cfg.utterance_norm == "causal":
+            x = x - self.causal_means(x, lengths)[0]
+        elif self.cfg.utterance_norm != "none":  # whole-utterance statistics: not for streaming
             n = lengths.clamp(min=1)[:, None, None].to(x.dtype)
             x = x - (x * valid).sum(1, keepdim=True) / n
             if self.cfg.utterance_norm == "meanvar":
@@ -61,6 +63,28 @@ class LMUASR(nn.Module):
             # channel, not to speech; zeroing them keeps the model from learning it
             x = x * (torch.arange(x.shape[2], device=x.device) < self.cfg.input_bins).to(x.dtype)
         return x * valid
+
+    def causal_means(self, x: Tensor, lengths: Tensor, total: Tensor | None = None, seen: int = 0
+                     ) -> tuple[Tensor, Tensor]:
+        """Causal utterance normalisation: the mean that frame t subtracts, and the new running total.
+
+        Frame t uses the mean of frames 0..max(t, W-1) (W = ``utterance_norm_window``; an utterance shorter than W
+        uses all of it): the first W frames share the mean of the first window, later frames the mean of everything
+        up to them. So a stream waits for W frames (1 s) once, at its start, then runs with no lookahead, and gives
+        exactly the offline result. ``total``/``seen``: the sum and count of the frames of earlier chunks (a
+        stream whose first window has passed)."""
+        window = self.cfg.utterance_norm_window
+        T = x.shape[1]
+        valid = (torch.arange(T, device=x.device)[None, :] < lengths[:, None])[..., None].to(x.dtype)
+        csum = torch.cumsum(x * valid, dim=1)
+        if total is not None:
+            csum = csum + total[:, None, :]
+        t = torch.arange(T, device=x.device)[None, :] + seen
+        upto = torch.maximum(t, torch.full_like(t, window - 1))
+        upto = torch.minimum(upto, (lengths[:, None] + seen - 1).clamp(min=0)) - seen  # within what has been seen
+        means = torch.gather(csum, 1, upto.clamp(min=0)[..., None].expand(-1, -1, x.shape[2]))
+        means = means / (upto + seen + 1).clamp(min=1)[..., None].to(x.dtype)
+        return means, csum[torch.arange(x.shape[0]), (lengths - 1).clamp(min=0)]
 
     def forward(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         x = self.normalize(feats, lengths)
@@ -73,8 +97,33 @@ class LMUASR(nn.Module):
     def stream(self, feats: Tensor, state, final: bool = False) -> Tensor:  # noqa: ANN001 (StreamState)
         """Streaming logits for the next chunk of features (see Encoder.stream)."""
         n = torch.full((feats.shape[0],), feats.shape[1], device=feats.device)
-        h = self.encoder.stream(self.normalize(feats, n), state, final=final)
+        if self.cfg.utterance_norm == "causal":
+            x = self._causal_stream(feats, state, final)
+            if x is None:  # still inside the first normalisation window: nothing to emit yet
+                return feats.new_zeros(feats.shape[0], 0, self.head.out_features)
+        else:
+            x = self.normalize(feats, n)
+        h = self.encoder.stream(x, state, final=final)
         return self.head(h)
+
+    def _causal_stream(self, feats: Tensor, state, final: bool) -> Tensor | None:  # noqa: ANN001 (StreamState)
+        """The causal normalisation of a stream: buffer the first window, then the running mean (see causal_means)."""
+        x = (feats.float() - self.feat_mean) / self.feat_std
+        if state.norm_total is None:  # the first window has not passed yet: wait for it (or for the end)
+            state.norm_pending = x if state.norm_pending is None else torch.cat([state.norm_pending, x], dim=1)
+            if state.norm_pending.shape[1] < self.cfg.utterance_norm_window and not final:
+                return None
+            x, state.norm_pending = state.norm_pending, None
+            seen, total = 0, None
+        else:
+            seen, total = state.norm_seen, state.norm_total
+        lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
+        means, state.norm_total = self.causal_means(x, lengths, total, seen)
+        state.norm_seen = seen + x.shape[1]
+        x = x - means
+        if self.cfg.input_bins:
+            x = x * (torch.arange(x.shape[2], device=x.device) < self.cfg.input_bins).to(x.dtype)
+        return x
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

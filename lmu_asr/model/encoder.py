@@ -126,6 +126,9 @@ class StreamState:
     keys: list[Tensor | None] = field(default_factory=list)
     values: list[Tensor | None] = field(default_factory=list)
     frames_out: int = 0
+    norm_total: Tensor | None = None  # causal utterance normalisation: sum of the frames so far
+    norm_seen: int = 0
+    norm_pending: Tensor | None = None  # frames of the first window, held until it is complete
 
 
 class Encoder(nn.Module):
@@ -155,9 +158,9 @@ class Encoder(nn.Module):
         if self.cfg.attention == "full":
             raise ValueError("this model uses full-context attention, which cannot stream exactly; train with "
                              "model.attention=causal or window for streaming")
-        if self.cfg.utterance_norm != "none":
+        if self.cfg.utterance_norm not in ("none", "causal"):
             raise ValueError("this model normalises by whole-utterance statistics (model.utterance_norm), which "
-                             "cannot stream; train with model.utterance_norm=none for streaming")
+                             "cannot stream; train with model.utterance_norm=causal or none for streaming")
         n = len(self.blocks)
         return StreamState(lmu=[None] * n, keys=[None] * n, values=[None] * n)
 

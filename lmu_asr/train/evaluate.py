@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -44,8 +45,15 @@ def damage_summary(counts: Counter, examples: list[dict]) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(model: LMUASR, shards: ShardSet, cfg: Config, device: torch.device, beam: int = 0,
-             autocast_dtype: torch.dtype | None = None, keep_hyps: bool = False) -> dict[str, Any]:
-    """Loss (mean per label, as in training) and corpus WER/CER (GigaSpeech scoring) on every readable utterance."""
+             autocast_dtype: torch.dtype | None = None, keep_hyps: bool = False,
+             decoder: Callable[[np.ndarray], str] | None = None,
+             collect: list[tuple[str, str, np.ndarray]] | None = None) -> dict[str, Any]:
+    """Loss (mean per label, as in training) and corpus WER/CER (GigaSpeech scoring) on every readable utterance.
+
+    ``decoder``: log-probs (T, 29) of one utterance -> text (e.g. a ``WordDecoder``'s LM beam search) instead of
+    greedy / prefix beam. ``collect``: receives (key, reference, log-probs) of every scored utterance (LM tuning
+    decodes them many times without running the model again).
+    """
     was_training = model.training
     model.eval()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -77,10 +85,16 @@ def evaluate(model: LMUASR, shards: ShardSet, cfg: Config, device: torch.device,
             loss = ctc_loss(logits, out_lengths, b["targets"], tl)
             loss_sum += float(loss) * n_feasible
             utts += n_feasible
-        texts = decode_texts(logits.float(), out_lengths, beam)
-        for ref, hyp, key in zip(batch["texts"], texts, batch["keys"], strict=False):  # real rows only
+        if decoder is not None or collect is not None:
+            log_probs = [lp[:n].cpu().numpy() for lp, n in zip(logits.float().log_softmax(-1)[: batch["real"] +
+                         len(bad_keys)], out_lengths.tolist(), strict=False)]
+        texts = [decoder(lp) for lp in log_probs] if decoder is not None else \
+            decode_texts(logits.float(), out_lengths, beam)
+        for row, (ref, hyp, key) in enumerate(zip(batch["texts"], texts, batch["keys"], strict=False)):  # real rows
             if key in bad_keys:
                 continue
+            if collect is not None:
+                collect.append((key, ref, log_probs[row]))
             rates.add(ref, hyp)
             if keep_hyps:
                 hyps.append((key, ref, hyp))

@@ -64,6 +64,30 @@ def test_input_bins_and_utterance_norm() -> None:
         model.encoder.stream_init()  # a whole-utterance mean cannot stream: refused, not silently different
 
 
+@pytest.mark.parametrize("window", [1, 16, 100])
+def test_causal_utterance_norm_is_the_mean_of_the_past_and_streams(window: int) -> None:
+    """Frame t subtracts the mean of frames 0..max(t, W-1) (all of a shorter utterance), computed here plainly;
+    a stream (which waits for the first window) gives the offline logits, and a padded batch the unpadded ones."""
+    torch.manual_seed(2)
+    cfg = ModelConfig(**{**TINY.__dict__, "utterance_norm": "causal", "utterance_norm_window": window,
+                         "attention": "window", "attn_left": 12})
+    model = LMUASR(cfg).eval()
+    model.set_normalization(torch.randn(80), torch.rand(80) + 0.5)
+    feats = torch.randn(57, 80) * 3 + 2
+    g = (feats - model.feat_mean) / model.feat_std
+    expected = torch.stack([g[t] - g[: min(max(t, window - 1), 56) + 1].mean(0) for t in range(57)])
+    torch.testing.assert_close(model.normalize(feats[None], torch.tensor([57]))[0], expected, rtol=1e-5, atol=1e-5)
+    offline, _ = model(feats[None], torch.tensor([57]))
+    state, pieces = model.encoder.stream_init(), []
+    for start in range(0, 57, 10):
+        pieces.append(model.stream(feats[None, start:start + 10], state, final=start + 10 >= 57))
+    torch.testing.assert_close(torch.cat(pieces, 1), offline, rtol=1e-4, atol=1e-4)
+    x, lens = padded_batch([feats, feats[:30]], pad_value=5.0)
+    batch, _ = model(x, lens)
+    torch.testing.assert_close(batch[1, :15], model(feats[None, :30], torch.tensor([30]))[0][0], rtol=1e-4,
+                               atol=1e-4)
+
+
 def reference_ctc(logits: torch.Tensor, out_lens: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
     """Each utterance on its own, unpadded, through F.ctc_loss; then the mean of loss/target_length."""
     losses = []

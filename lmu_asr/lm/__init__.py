@@ -1,0 +1,1 @@
+"""Word-level decoding: n-gram language models built from transcripts, and CTC beam search with them."""
