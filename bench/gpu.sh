@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 smoke=()
 device=()
-[ "${1:-}" = "--smoke" ] && smoke=(--smoke) && device=(--device cpu)
+[ "${1:-}" = "--smoke" ] && smoke=(--smoke) && device=(--device cpu) && shift
+# further arguments go to lmuasr bench gpu, e.g. --stages ctc,checkpointing
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())'
-exec python3 -m lmu_asr.cli bench gpu --out "$OUT" "${smoke[@]}" "${device[@]}"
+exec python3 -m lmu_asr.cli bench gpu --out "$OUT" "${smoke[@]}" "${device[@]}" "$@"

@@ -113,15 +113,23 @@ def bench_scale_cmd(out: Path, preset: str, frames: int, batches: str, precision
 @click.option("--out", default="bench/results/gpu", show_default=True, type=click.Path(path_type=Path))
 @click.option("--smoke", is_flag=True, help="The same stages at CPU size (CI): checks the kit, measures nothing.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--stages", default="all", show_default=True,
+              help="Comma-separated subset of: train_a100, sync, train_fast_h100, loader, model, compile, scale, "
+                   "ctc, checkpointing (sync needs train_a100).")
 @user_errors
-def bench_gpu_cmd(out: Path, smoke: bool, device: str) -> None:
+def bench_gpu_cmd(out: Path, smoke: bool, device: str, stages: str) -> None:
     """Every GPU measurement in one call of <= 8 minutes (bench/gpu.sh): train, syncs, memory, loader, compile."""
-    from lmu_asr.bench.gpu import run_kit
+    from lmu_asr.bench.gpu import STAGES, run_kit
 
     dev = resolve_device(device)
     if dev.type != "cuda" and not smoke:
         raise UserError("bench gpu needs a CUDA device (use --smoke to check the kit on a CPU)")
-    summary = run_kit(out, dev, smoke)
+    chosen = STAGES if stages == "all" else tuple(s.strip() for s in stages.split(",") if s.strip())
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown or not chosen:
+        raise UserError(f"--stages: unknown stage {', '.join(unknown) or '(none given)'}; "
+                        f"choose from {', '.join(STAGES)}")
+    summary = run_kit(out, dev, smoke, chosen)
     failed = [n for n, s in summary["stages"].items() if s["status"].startswith("failed")]
     click.echo(f"{len(summary['stages'])} stages in {summary['seconds']:.0f} s; reports in {out}"
                + (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -41,12 +41,13 @@ def kit_configs(smoke: bool) -> dict[str, Any]:
                 "fast": ("cpu-tiny", {**tiny, "data.batch_frames": 2048}, [(16, 128), (8, 256)]),
                 "model_lengths": [100, 300], "model_batch": 2, "compile_frames": [128, 256], "compile_rows": 4,
                 "scale_batches": [2, 4], "loader_utts": 300, "sync_steps": 3, "steps": 2, "windows": 2,
-                "budget_s": 170}
+                "ctc_shapes": [(4, 128)], "ckpt_shape": (4, 256), "budget_s": 170}
     return {"a100": ("a100-b96", {"train.precision": "bf16"}, [(96, 400)]),
             "fast": ("fast-h100", {}, [(100, 3000), (750, 400)]),
             "model_lengths": [1000, 3000], "model_batch": 16, "compile_frames": [128, 400, 3000],
             "compile_rows": None, "scale_batches": [48, 96, 192, 384, 768, 1536], "loader_utts": 20_000,
-            "sync_steps": 10, "steps": 10, "windows": 3, "budget_s": 460}
+            "sync_steps": 10, "steps": 10, "windows": 3, "ctc_shapes": [(96, 400), (750, 400)],
+            "ckpt_shape": (100, 3000), "budget_s": 460}
 
 
 def count_syncs(runner: Any, batch: dict, steps: int, device: torch.device) -> dict[str, Any]:
@@ -112,7 +113,11 @@ def _loader_stage(out: Path, cfg: Config, utterances: int, step_utt_per_s: float
     return data
 
 
-def run_kit(out: Path, device: torch.device, smoke: bool = False) -> dict[str, Any]:
+STAGES = ("train_a100", "sync", "train_fast_h100", "loader", "model", "compile", "scale", "ctc", "checkpointing")
+
+
+def run_kit(out: Path, device: torch.device, smoke: bool = False,
+            stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
     from lmu_asr.bench.compile import bench_compile
     from lmu_asr.bench.model import bench_model
     from lmu_asr.bench.train import bench_scale, bench_train
@@ -136,6 +141,8 @@ def run_kit(out: Path, device: torch.device, smoke: bool = False) -> dict[str, A
                                        "traceback": traceback.format_exc(limit=6)}
         print(f"[bench gpu] {name}: {summary['stages'][name]['status']} ({time.perf_counter() - t0:.0f} s)",
               flush=True)
+        # A summary after every stage: a call cut off by its time limit still returns what was measured.
+        write_summary(out, {**summary, "seconds": time.perf_counter() - t0})
 
     def a100() -> dict[str, Any]:
         preset, sets, shapes = k["a100"]
@@ -164,7 +171,7 @@ def run_kit(out: Path, device: torch.device, smoke: bool = False) -> dict[str, A
                 "memory_estimate_gb": data["memory_estimate"]["total_gb"]}
 
     def loader() -> dict[str, Any]:
-        cfg = state.get("cfg") or load_config(*k["a100"][:2])
+        cfg = state.get("cfg") or load_config(k["a100"][0], None, k["a100"][1])
         data = _loader_stage(out, cfg, k["loader_utts"], state.get("step_utt"))
         return {"rows": data["rows"], "loader_over_step": data["loader_over_step"]}
 
@@ -185,8 +192,25 @@ def run_kit(out: Path, device: torch.device, smoke: bool = False) -> dict[str, A
         data = bench_scale(cfg, out, device, shapes[0][1], k["scale_batches"])
         return {"knee_batch": data["knee_batch"], "out_of_memory_at": data["out_of_memory_at"]}
 
+    def ctc() -> dict[str, Any]:
+        from lmu_asr.bench.ctc_probe import bench_ctc
+
+        preset, sets, _ = k["a100"]
+        data = bench_ctc(out, load_config(preset, None, sets), device, k["ctc_shapes"], k["steps"], 2)
+        return {"op_rows": data["op_rows"], "step_rows": data["step_rows"]}
+
+    def checkpointing() -> dict[str, Any]:
+        from lmu_asr.bench.ctc_probe import bench_checkpointing
+
+        preset, sets, _ = k["fast"]
+        return {"rows": bench_checkpointing(out, load_config(preset, None, sets), device, k["ckpt_shape"],
+                                            k["steps"], 2)["rows"]}
+
     for name, fn in (("train_a100", a100), ("sync", sync), ("train_fast_h100", fast), ("loader", loader),
-                     ("model", model), ("compile", compile_), ("scale", scale)):
+                     ("model", model), ("compile", compile_), ("scale", scale), ("ctc", ctc),
+                     ("checkpointing", checkpointing)):
+        if name not in stages:
+            continue
         if name == "sync" and "runner" not in state:
             summary["stages"][name] = {"status": "skipped: needs train_a100"}
             continue

@@ -76,7 +76,7 @@ class LMUASR(nn.Module):
         window = self.cfg.utterance_norm_window
         T = x.shape[1]
         valid = (torch.arange(T, device=x.device)[None, :] < lengths[:, None])[..., None].to(x.dtype)
-        csum = torch.cumsum(x * valid, dim=1)
+        csum = time_cumsum(x * valid)
         if total is not None:
             csum = csum + total[:, None, :]
         t = torch.arange(T, device=x.device)[None, :] + seen
@@ -144,6 +144,45 @@ def init_output_bias(head: nn.Linear, blank_bias: float) -> None:
         head.bias[BLANK] = blank_bias
 
 
+def time_cumsum(x: Tensor) -> Tensor:
+    """Cumulative sum over time (dim 1), as ATen computes it.
+
+    Compiled for CUDA, inductor (torch 2.11) turns a long cumsum over a non-innermost axis into a split scan whose
+    code generation fails (``InductorError: list indices must be integers ...``, seen on an H200 at 96 x 400 and
+    100 x 3000 frames); inside a compiled CUDA graph the sum therefore goes through an opaque custom op, which
+    runs ATen's cumsum kernel and keeps the graph whole. Eager code, CPU inductor and ONNX export use
+    ``torch.cumsum`` itself (the op has no ONNX translation)."""
+    if x.device.type == "cuda" and torch.compiler.is_compiling():
+        return _time_cumsum(x)
+    return torch.cumsum(x, dim=1)
+
+
+@torch.library.custom_op("lmu_asr::time_cumsum", mutates_args=())
+def _time_cumsum(x: Tensor) -> Tensor:
+    return torch.cumsum(x, dim=1)
+
+
+@_time_cumsum.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _time_cumsum_backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+    # d/dx_s of sum_{s<=t} x_s: the reversed cumulative sum of the incoming gradient
+    return _time_cumsum(grad.flip(1)).flip(1)
+
+
+torch.library.register_autograd("lmu_asr::time_cumsum", _time_cumsum_backward)
+
+
+def _host_lengths_arg(lengths: Tensor, device: torch.device) -> Tensor | list[int]:
+    """CTC lengths as ATen wants them: host tensors become int lists for a CUDA kernel.
+
+    torch 2.11's CUDA ``_ctc_loss.Tensor`` overload requires its lengths on the device (seen on an H200); its
+    int-list overload takes them from the host, which is where the loader has them, so no device read happens."""
+    return lengths.tolist() if lengths.device.type == "cpu" and device.type != "cpu" else lengths
+
+
 @torch.library.custom_op("lmu_asr::ctc_loss_and_grad", mutates_args=())
 def _ctc_loss_and_grad(log_probs: Tensor, targets: Tensor, input_lengths: Tensor,
                        target_lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -154,6 +193,8 @@ def _ctc_loss_and_grad(log_probs: Tensor, targets: Tensor, input_lengths: Tensor
     exactly those of ``F.ctc_loss``.
     """
     aten = torch.ops.aten
+    input_lengths = _host_lengths_arg(input_lengths, log_probs.device)  # type: ignore[assignment]
+    target_lengths = _host_lengths_arg(target_lengths, log_probs.device)  # type: ignore[assignment]
     nll, log_alpha = aten._ctc_loss(log_probs, targets, input_lengths, target_lengths, BLANK, True)
     grad = aten._ctc_loss_backward(torch.ones_like(nll), log_probs, targets, input_lengths, target_lengths, nll,
                                    log_alpha, BLANK, True)
@@ -196,7 +237,8 @@ def ctc_loss(logits: Tensor, out_lengths: Tensor, targets: Tensor, target_length
         if torch.is_grad_enabled() and log_probs.requires_grad:
             losses = _ctc_loss_and_grad(log_probs, targets, in_lengths, tl)[0]
         else:
-            losses = F.ctc_loss(log_probs, targets, in_lengths, tl, blank=BLANK, reduction="none",
+            lens = (_host_lengths_arg(in_lengths, log_probs.device), _host_lengths_arg(tl, log_probs.device))
+            losses = F.ctc_loss(log_probs, targets, *lens, blank=BLANK, reduction="none",  # type: ignore[arg-type]
                                 zero_infinity=True)
         valid = target_lengths > 0
         per_utt = losses / target_lengths.clamp(min=1).to(losses.dtype)

@@ -223,3 +223,30 @@ def test_fresh_model_leaves_the_all_blank_state_on_real_speech(fsdd) -> None:  #
         opt.step()
     # within 80 steps it emits most of the held-out labels (measured: ~90 %; all-blank would be 0)
     assert emitted_fraction() > 0.5
+
+
+def test_time_cumsum_op_matches_torch_cumsum_compiled_with_gradient() -> None:
+    """The opaque cumsum that compiled CUDA graphs use (inductor's split scan fails there): value and gradient."""
+    from lmu_asr.model.asr import _time_cumsum
+
+    x = torch.randn(3, 50, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 50, 8, dtype=torch.float64)
+    compiled = torch.compile(lambda t: (_time_cumsum(t) * w).sum(), fullgraph=True)
+    (g_ours,) = torch.autograd.grad(compiled(x), x)
+    (g_ref,) = torch.autograd.grad((torch.cumsum(x, 1) * w).sum(), x)
+    torch.testing.assert_close(_time_cumsum(x), torch.cumsum(x, 1))
+    torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_ctc_lengths_go_to_a_device_kernel_as_host_lists() -> None:
+    """torch 2.11's CUDA CTC rejects host length tensors: they are handed over as int lists (no device read)."""
+    from lmu_asr.model.asr import _host_lengths_arg
+
+    lens = torch.tensor([5, 3])
+    assert _host_lengths_arg(lens, torch.device("cuda")) == [5, 3]
+    assert _host_lengths_arg(lens, torch.device("cpu")) is lens
+    log_probs = torch.randn(6, 2, 29).log_softmax(-1)
+    tg = torch.tensor([[3, 4], [5, 0]])
+    a = torch.ops.aten._ctc_loss(log_probs, tg, [6, 4], [2, 1], 0, True)[0]
+    b = torch.ops.aten._ctc_loss(log_probs, tg, torch.tensor([6, 4]), torch.tensor([2, 1]), 0, True)[0]
+    torch.testing.assert_close(a, b)  # both overloads compute the same loss

@@ -1,0 +1,151 @@
+"""What the CTC loss costs a GPU step, and what activation checkpointing buys: two stages of the GPU kit.
+
+The first H200 run of the kit (torch 2.11) counted 6 host-device synchronisations per steady-state step, all
+inside ATen's CUDA CTC (it copies the lengths and target offsets to the device from pageable memory, and each
+such copy waits for the stream). Before anyone writes a CTC kernel of their own, this measures how much there is
+to win: the CTC op alone with each way of passing its lengths (syncs and time per call), and the whole step with
+CTC replaced by a stand-in loss of the same shape that never synchronises (an upper bound on the gain).
+
+``checkpointing``: the fast-h100 preset at its longest bucket with and without activation checkpointing, peak
+memory against the 5.5 GB goal and the step-time price, side by side in one run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmu_asr.bench.report import environment, markdown_table, write_report
+from lmu_asr.config import Config
+from lmu_asr.model import asr
+from lmu_asr.train import step as step_module
+
+
+def _syncs_and_ms(fn: Any, device: torch.device, calls: int = 10) -> tuple[float | None, float]:
+    """(synchronisations per call counted by the sync debug mode, milliseconds per call by CUDA events)."""
+    fn()  # first call outside the count: lazy initialisation
+    if device.type != "cuda":
+        import time
+
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return None, 1000 * (time.perf_counter() - t) / calls
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return float(syncs), start.elapsed_time(end) / calls
+
+
+def ctc_op_rows(shapes: list[tuple[int, int]], device: torch.device) -> list[dict[str, Any]]:
+    """ATen's CTC forward + backward alone, lengths as host int lists (what the step does) or device tensors."""
+    rows = []
+    aten = torch.ops.aten
+    for batch, frames in shapes:
+        b = step_module.synthetic_batch(batch, frames, seed=3)
+        in_len, tl = b["lengths"] // 2, b["target_lengths"]
+        log_probs = torch.randn(frames // 2, batch, 29, device=device).log_softmax(-1)
+        targets = b["targets"].to(device)
+
+        def host_lists() -> None:
+            asr._ctc_loss_and_grad(log_probs, targets, in_len, tl)
+
+        d_in, d_tl = in_len.to(device), tl.to(device)
+
+        def device_tensors() -> None:
+            nll, alpha = aten._ctc_loss(log_probs, targets, d_in, d_tl, 0, True)
+            aten._ctc_loss_backward(torch.ones_like(nll), log_probs, targets, d_in, d_tl, nll, alpha, 0, True)
+
+        for name, fn in (("host int lists (train step)", host_lists), ("device tensors", device_tensors)):
+            try:
+                syncs, ms = _syncs_and_ms(fn, device)
+                rows.append({"batch": batch, "frames": frames, "lengths": name, "syncs": syncs, "ms": ms})
+            except RuntimeError as err:  # an overload this torch does not take on this device
+                rows.append({"batch": batch, "frames": frames, "lengths": name, "error": str(err)[:120]})
+    return rows
+
+
+def standin_loss(logits: torch.Tensor, out_lengths: torch.Tensor, targets: torch.Tensor,
+                 target_lengths: torch.Tensor, *_: Any) -> torch.Tensor:
+    """A loss with CTC's inputs and output shape but no alignment and no host read: the step's floor."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        lp = logits.float().log_softmax(-1)
+        mask = (torch.arange(lp.shape[1], device=lp.device)[None, :] < out_lengths[:, None]).to(lp.dtype)
+        return -(lp[..., 0] * mask).sum() / mask.sum().clamp(min=1)
+
+
+def step_rows(cfg: Config, shapes: list[tuple[int, int]], device: torch.device, steps: int,
+              windows: int) -> list[dict[str, Any]]:
+    """The whole train step with ATen's CTC and with the stand-in loss, side by side."""
+    from lmu_asr.bench.train import bench_train_config
+
+    rows = []
+    for batch, frames in shapes:
+        for name, loss in (("ATen CTC", asr.ctc_loss), ("stand-in (no CTC)", standin_loss)):
+            torch._dynamo.reset()  # the compiled step must trace the loss it is given now
+            step_module.ctc_loss = loss
+            try:
+                r = bench_train_config(cfg, batch, frames, device, steps, windows)
+            finally:
+                step_module.ctc_loss = asr.ctc_loss
+            rows.append({"batch": batch, "frames": frames, "loss": name, "step_ms": r["step_ms"],
+                         "utt_per_s": r["utt_per_s"]})
+        ctc, free = rows[-2]["step_ms"], rows[-1]["step_ms"]
+        rows[-1]["ctc_share"] = (ctc - free) / ctc
+    return rows
+
+
+def bench_ctc(out: Path, cfg: Config, device: torch.device, shapes: list[tuple[int, int]], steps: int = 10,
+              windows: int = 2) -> dict[str, Any]:
+    op = ctc_op_rows(shapes, device)
+    steps_ = step_rows(cfg, shapes, device, steps, windows)
+    data = {"env": environment(device), "preset": cfg.preset, "op_rows": op, "step_rows": steps_}
+    body = ("ATen's CTC forward + backward alone (random log-probabilities, ~14 characters per second):\n\n"
+            + markdown_table(op, [("batch", "batch"), ("frames", "frames"), ("lengths", "lengths passed as"),
+                                  ("syncs", "syncs / call"), ("ms", "ms / call")])
+            + f"\n\nThe whole train step (preset `{cfg.preset}`), with CTC and with a stand-in loss that has no "
+              "alignment and no host read; `CTC share` is the step time the CTC costs, syncs included, i.e. "
+              "the most a sync-free CTC kernel could win:\n\n"
+            + markdown_table(steps_, [("batch", "batch"), ("frames", "frames"), ("loss", "loss"),
+                                      ("step_ms", "ms/step"), ("utt_per_s", "utt/s"), ("ctc_share", "CTC share")]))
+    data["files"] = [str(p) for p in write_report(out, "ctc_cost", "What CTC costs the step", data, body)]
+    return data
+
+
+def bench_checkpointing(out: Path, cfg: Config, device: torch.device, shape: tuple[int, int], steps: int = 10,
+                        windows: int = 2) -> dict[str, Any]:
+    import copy
+
+    from lmu_asr.bench.train import activation_estimate, bench_train_config
+
+    rows = []
+    for ckpt in (False, True):
+        c = copy.deepcopy(cfg)
+        c.model.activation_checkpointing = ckpt
+        torch._dynamo.reset()
+        r = bench_train_config(c, shape[0], shape[1], device, steps, windows)
+        rows.append({"checkpointing": ckpt, "batch": shape[0], "frames": shape[1], "step_ms": r["step_ms"],
+                     "utt_per_s": r["utt_per_s"], "peak_gb": r.get("max_allocated_gb") or r.get("max_rss_gb"),
+                     "estimate_gb": activation_estimate(c)["total_gb"]})
+    data = {"env": environment(device), "preset": cfg.preset, "rows": rows}
+    body = (f"Preset `{cfg.preset}` at {shape[0]} x {shape[1]} frames, with and without activation "
+            "checkpointing (peak = torch.cuda.max_memory_allocated; estimate = `activation_estimate`, CPU):\n\n"
+            + markdown_table(rows, [("checkpointing", "checkpointing"), ("step_ms", "ms/step"),
+                                    ("utt_per_s", "utt/s"), ("peak_gb", "peak GB"), ("estimate_gb", "estimate GB")]))
+    data["files"] = [str(p) for p in write_report(out, "checkpointing", "Activation checkpointing", data, body)]
+    return data
