@@ -115,7 +115,7 @@ def bench_scale_cmd(out: Path, preset: str, frames: int, batches: str, precision
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--stages", default="all", show_default=True,
               help="Comma-separated subset of: train_a100, sync, train_fast_h100, loader, model, compile, scale, "
-                   "ctc, checkpointing (sync needs train_a100).")
+                   "ctc, checkpointing, sync_bisect (sync needs train_a100).")
 @user_errors
 def bench_gpu_cmd(out: Path, smoke: bool, device: str, stages: str) -> None:
     """Every GPU measurement in one call of <= 8 minutes (bench/gpu.sh): train, syncs, memory, loader, compile."""

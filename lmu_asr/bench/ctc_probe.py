@@ -149,3 +149,50 @@ def bench_checkpointing(out: Path, cfg: Config, device: torch.device, shape: tup
                                     ("utt_per_s", "utt/s"), ("peak_gb", "peak GB"), ("estimate_gb", "estimate GB")]))
     data["files"] = [str(p) for p in write_report(out, "checkpointing", "Activation checkpointing", data, body)]
     return data
+
+
+def bench_sync_bisect(out: Path, cfg: Config, device: torch.device, shape: tuple[int, int],
+                      steps: int = 3) -> dict[str, Any]:
+    """Where a steady-state step synchronises: the count with one part of the step changed at a time.
+
+    The H200 run of 2026-11-26 counted 6 syncs per step, raised from C++ while AOTAutograd's compiled forward ran
+    (innermost Python frame ``torch/autograd/function.py: apply``), with CTC alone at 0; the variants below tell
+    the model's parts apart in one run."""
+    import copy
+
+    from lmu_asr.bench.gpu import count_syncs
+    from lmu_asr.bench.train import bench_train_config
+
+    def variant(name: str, change: Any, loss: Any = None) -> dict[str, Any]:
+        c = copy.deepcopy(cfg)
+        change(c)
+        torch._dynamo.reset()
+        step_module.ctc_loss = loss or asr.ctc_loss
+        try:
+            r = bench_train_config(c, shape[0], shape[1], device, 2, 1, warmup=2, keep_runner=True)
+            counted = count_syncs(r.pop("runner"), step_module.synthetic_batch(*shape, seed=5), steps, device)
+        finally:
+            step_module.ctc_loss = asr.ctc_loss
+        top = max((counted.get("stacks") or {}).items(), key=lambda kv: kv[1], default=("", 0))[0]
+        return {"variant": name, "syncs_per_step": counted["syncs_per_step"], "step_ms": r["step_ms"],
+                "top_stack": top[:300], "stacks": counted.get("stacks")}
+
+    def lmu_chunk(c: Config) -> None:
+        c.model.lmu_mode = "chunk"
+
+    def no_specaug(c: Config) -> None:
+        c.data.specaug.enabled = False
+
+    def eager(c: Config) -> None:
+        c.train.compile = "off"
+
+    rows = [variant("as configured", lambda c: None), variant("LMU chunk form (no FFT)", lmu_chunk),
+            variant("stand-in loss (no CTC)", lambda c: None, standin_loss),
+            variant("no SpecAugment", no_specaug), variant("eager (not compiled)", eager)]
+    data = {"env": environment(device), "preset": cfg.preset, "shape": list(shape), "rows": rows}
+    body = (f"Preset `{cfg.preset}` at {shape[0]} x {shape[1]}: host-device synchronisations per steady-state "
+            "step (`torch.cuda.set_sync_debug_mode`), one part of the step changed at a time:\n\n"
+            + markdown_table(rows, [("variant", "variant"), ("syncs_per_step", "syncs / step"),
+                                    ("step_ms", "ms/step"), ("top_stack", "most frequent stack (innermost first)")]))
+    data["files"] = [str(p) for p in write_report(out, "sync_bisect", "Where the step synchronises", data, body)]
+    return data

@@ -45,7 +45,7 @@ def kit_configs(smoke: bool) -> dict[str, Any]:
     return {"a100": ("a100-b96", {"train.precision": "bf16"}, [(96, 400)]),
             "fast": ("fast-h100", {}, [(100, 3000), (750, 400)]),
             "model_lengths": [1000, 3000], "model_batch": 16, "compile_frames": [128, 400, 3000],
-            "compile_rows": None, "scale_batches": [48, 96, 192, 384, 768, 1536], "loader_utts": 20_000,
+            "compile_rows": None, "scale_batches": [48, 96, 192, 384, 768, 1536], "loader_utts": 60_000,
             "sync_steps": 10, "steps": 10, "windows": 3, "ctc_shapes": [(96, 400), (750, 400)],
             "ckpt_shape": (100, 3000), "budget_s": 460}
 
@@ -63,19 +63,26 @@ def count_syncs(runner: Any, batch: dict, steps: int, device: torch.device) -> d
                 "checks that the step reads no scalar from a step result)"}
     torch.cuda.synchronize(device)
     where: Counter = Counter()
+    stacks: Counter = Counter()
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "synchroniz" in str(message).lower():  # the Python stack at the synchronising call, innermost last
+            where[f"{Path(filename).name}:{lineno}"] += 1
+            frames = traceback.extract_stack()[:-1]
+            stacks[" <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(frames[-8:]))] += 1
+
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = show
             for i in range(steps):
                 reader.push(runner([batch], seed=200 + i), {"step": i, "epoch": 0, "lr": 0.0, "utterances": 1})
-        for w in caught:
-            if "synchroniz" in str(w.message).lower():
-                where[f"{Path(w.filename).name}:{w.lineno}"] += 1
     finally:
         torch.cuda.set_sync_debug_mode("default")
     reader.drain()
-    return {"syncs_per_step": sum(where.values()) / steps, "steps": steps, "where": dict(where)}
+    return {"syncs_per_step": sum(where.values()) / steps, "steps": steps, "where": dict(where),
+            "stacks": dict(stacks)}
 
 
 def _loader_stage(out: Path, cfg: Config, utterances: int, step_utt_per_s: float | None) -> dict[str, Any]:
@@ -96,24 +103,33 @@ def _loader_stage(out: Path, cfg: Config, utterances: int, step_utt_per_s: float
         utts += ds[k]["real"]
     one = utts / (time.perf_counter() - t)
     workers = max(1, min(8, (os.cpu_count() or 2) - 1))
-    t, utts = time.perf_counter(), 0
+    # Steady state from the first batch on: the workers' start-up (forking, opening the shards) is reported on
+    # its own. The H200 run of 2026-11-26 timed it inside a 1-second measurement and showed 8 workers slower
+    # than one process.
+    t, utts, first, startup = time.perf_counter(), 0, None, 0.0
     for b in make_loader(ds, 0, workers, 4, pin_memory=torch.cuda.is_available()):
+        if first is None:
+            startup, first = time.perf_counter() - t, time.perf_counter()
+            continue
         utts += b["real"]
-    many = utts / (time.perf_counter() - t)
-    rows = [{"loader": "BatchDataset, 1 process", "utt_per_s": one},
-            {"loader": f"DataLoader, {workers} workers, pinned", "utt_per_s": many}]
+    many = utts / (time.perf_counter() - first) if first is not None and utts else None
+    rows = [{"loader": "BatchDataset, 1 process", "utt_per_s": one, "startup_s": 0.0},
+            {"loader": f"DataLoader, {workers} workers, pinned", "utt_per_s": many, "startup_s": startup}]
     data = {"env": environment(), "utterances": utterances, "rows": rows, "workers": workers,
-            "step_utt_per_s": step_utt_per_s, "loader_over_step": many / step_utt_per_s if step_utt_per_s else None}
+            "step_utt_per_s": step_utt_per_s,
+            "loader_over_step": many / step_utt_per_s if step_utt_per_s and many else None}
     body = (f"Synthetic shards ({utterances} utterances of 1.5-{cfg.data.max_frames / 100:.0f} s, preset "
-            f"`{cfg.preset}` batches).\n\n" + markdown_table(rows, [("loader", "loader"), ("utt_per_s", "utt/s")])
+            f"`{cfg.preset}` batches); DataLoader rates from its first batch on, its start-up apart.\n\n"
+            + markdown_table(rows, [("loader", "loader"), ("utt_per_s", "utt/s"), ("startup_s", "start-up s")])
             + (f"\n\nThe step consumes {step_utt_per_s:.0f} utt/s: the loader delivers "
-               f"{data['loader_over_step']:.1f}x that." if step_utt_per_s else ""))
+               f"{data['loader_over_step']:.1f}x that." if data["loader_over_step"] else ""))
     data["files"] = [str(p) for p in write_report(out, "loader_synthetic", "Loader on synthetic shards", data,
                                                   body)]
     return data
 
 
-STAGES = ("train_a100", "sync", "train_fast_h100", "loader", "model", "compile", "scale", "ctc", "checkpointing")
+STAGES = ("train_a100", "sync", "train_fast_h100", "loader", "model", "compile", "scale", "ctc", "checkpointing",
+          "sync_bisect")
 
 
 def run_kit(out: Path, device: torch.device, smoke: bool = False,
@@ -206,9 +222,16 @@ def run_kit(out: Path, device: torch.device, smoke: bool = False,
         return {"rows": bench_checkpointing(out, load_config(preset, None, sets), device, k["ckpt_shape"],
                                             k["steps"], 2)["rows"]}
 
+    def sync_bisect() -> dict[str, Any]:
+        from lmu_asr.bench.ctc_probe import bench_sync_bisect
+
+        preset, sets, shapes = k["a100"]
+        rows = bench_sync_bisect(out, load_config(preset, None, sets), device, shapes[0], k["sync_steps"])["rows"]
+        return {"rows": [{f: r[f] for f in ("variant", "syncs_per_step", "step_ms", "top_stack")} for r in rows]}
+
     for name, fn in (("train_a100", a100), ("sync", sync), ("train_fast_h100", fast), ("loader", loader),
                      ("model", model), ("compile", compile_), ("scale", scale), ("ctc", ctc),
-                     ("checkpointing", checkpointing)):
+                     ("checkpointing", checkpointing), ("sync_bisect", sync_bisect)):
         if name not in stages:
             continue
         if name == "sync" and "runner" not in state:

@@ -212,7 +212,8 @@ class Trainer:
         self.sampler = PlanSampler()  # one loader for the run: its workers persist across epochs
         self.loader = make_loader(BatchDataset(self.shards, None, cfg.model.downsample),
                                   num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch,
-                                  pin_memory=cfg.data.pin_memory and self.device.type == "cuda", sampler=self.sampler)
+                                  pin_memory=cfg.data.pin_memory and self.device.type == "cuda", sampler=self.sampler,
+                                  hold=cfg.optim.grad_accum)
         if self.resume:
             self._restore()
         if self.runner.compiled and self.dali is None:

@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from lmu_asr.bench.gpu import STAGES
 from tests.helpers import ROOT
 
 # What the lent GPU machine does not have; the kit must never import any of it.
@@ -39,13 +40,36 @@ def test_gpu_kit_smoke_under_an_import_blocker(tmp_path: Path) -> None:
     seconds = time.time() - t
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "gpu_kit.json").read_text())
-    assert {n: s["status"] for n, s in summary["stages"].items()} == {
-        n: "ok" for n in ("train_a100", "sync", "train_fast_h100", "loader", "model", "compile", "scale")}
-    for name in ("train_a100", "train_fast_h100", "loader_synthetic", "model", "compile", "scale", "gpu_kit"):
+    assert {n: s["status"] for n, s in summary["stages"].items()} == {n: "ok" for n in STAGES}
+    for name in ("train_a100", "train_fast_h100", "loader_synthetic", "model", "compile", "scale", "gpu_kit",
+                 "ctc_cost", "checkpointing", "sync_bisect"):
         assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file(), name
+    ctc = json.loads((out / "ctc_cost.json").read_text())
+    assert [r["loss"] for r in ctc["step_rows"]] == ["ATen CTC", "stand-in (no CTC)"]
+    assert {r["lengths"] for r in ctc["op_rows"]} == {"host int lists (train step)", "device tensors"}
+    ckpt = json.loads((out / "checkpointing.json").read_text())["rows"]
+    assert [r["checkpointing"] for r in ckpt] == [False, True]
+    assert ckpt[1]["estimate_gb"] < ckpt[0]["estimate_gb"]  # checkpointing keeps fewer activations
+    bisect = json.loads((out / "sync_bisect.json").read_text())["rows"]
+    assert len(bisect) == 5 and all(r["step_ms"] > 0 for r in bisect)
     assert (out / "train_a100.png").is_file() and (out / "compile.png").is_file()
     a100 = json.loads((out / "train_a100.json").read_text())["rows"][0]
     assert a100["compile"] and a100["batch"] == 8  # the compiled step, CPU-sized
     compile_report = json.loads((out / "compile.json").read_text())
     assert all(r["graph_breaks"] == 0 for r in compile_report["rows"])
     assert seconds < 180, f"the smoke kit took {seconds:.0f} s (CI budget: 3 minutes)"
+
+
+def test_gpu_kit_stages_subset_and_unknown_stage(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lmu_asr.cli import main
+
+    bad = CliRunner().invoke(main, ["bench", "gpu", "--smoke", "--device", "cpu", "--stages", "train_a100,bogus",
+                                    "--out", str(tmp_path / "k")])
+    assert bad.exit_code == 2 and "unknown stage bogus" in bad.output and "Traceback" not in bad.output
+    ok = CliRunner().invoke(main, ["bench", "gpu", "--smoke", "--device", "cpu", "--stages", "model",
+                                   "--out", str(tmp_path / "k")])
+    assert ok.exit_code == 0, ok.output
+    summary = json.loads((tmp_path / "k" / "gpu_kit.json").read_text())
+    assert list(summary["stages"]) == ["model"]  # only what was asked for runs
