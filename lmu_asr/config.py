@@ -104,6 +104,9 @@ class TrainConfig:
     cpu_autocast: bool = False  # bf16/fp16 autocast on CPU too (CI tests the mixed-precision paths this way)
     compile: str = "auto"  # auto: on for CUDA, off on CPU (measured slower there than eager MKL); on | off
     compile_shapes: str = "static"  # static: one graph per planned (rows, bucket), all compiled at start | dynamic
+    # default: forward + CTC as one inductor graph | cudagraphs: the model compiled with CUDA graphs
+    # (mode="reduce-overhead"), CTC eager outside it (its host lengths cannot be captured); see train/step.py
+    compile_mode: str = "default"
     loader: str = "wds"  # wds | dali
     save_every: int = 500
     log_every: int = 1
@@ -152,10 +155,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "a100-b96": {"data.batch_size": 96, "data.max_frames": 400},
     # Ours: frame-budget batching (dynamic batch size, static bucket shapes).
     "fast": {"data.batch_frames": 200_000, "data.max_frames": 3000},
-    # 300 k padded frames: 4.2 GB of bf16 activations by estimate (bench train prints it), within 5.5 GB with the
-    # backward's transient buffers; 600 k needed 8.3 GB. Activation checkpointing would fit 600 k at ~1/3 more
-    # compute; on a GPU this large a batch is already saturating, so the smaller batch is the faster choice.
-    "fast-h100": {"data.batch_frames": 300_000, "data.max_frames": 3000, "data.num_workers": 8},
+    # 220 k padded frames, to fit 5.5 GB on the GPU. Measured on an H200 at 300 k (bench/results/h200): peak 7.1 GB
+    # at 100 x 3000 frames and 6.2 GB at 750 x 400, linear in rows (the batch sweep), i.e. 23.7 KB per padded
+    # frame at the longest bucket, so 220 k -> ~5.2 GB. The CPU estimate (saved activations, 3.0 GB here) misses
+    # the backward's transients and CTC's alpha/beta tables by ~1.7x. Throughput at 220 k is ~5 % below 300 k
+    # (the sweep's knee is ~300 k frames); activation checkpointing instead would cost 26 % (measured).
+    "fast-h100": {"data.batch_frames": 220_000, "data.max_frames": 3000, "data.num_workers": 8},
     # Small model for the demo and the real-speech accuracy checks on a 2-core CPU (minutes, not hours).
     "cpu-small": {
         **_CPU, "model.d_model": 144, "model.lmu_order": 64, "model.lmu_theta": 100.0, "model.lmu_hidden": 144,
@@ -343,6 +348,11 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.compile must be auto, on or off, not {t.compile!r}")
     if t.compile_shapes not in ("static", "dynamic"):
         raise ValueError(f"train.compile_shapes must be static or dynamic, not {t.compile_shapes!r}")
+    if t.compile_mode not in ("default", "cudagraphs"):
+        raise ValueError(f"train.compile_mode must be default or cudagraphs, not {t.compile_mode!r}")
+    if t.compile_mode == "cudagraphs" and cfg.optim.grad_accum > 1:
+        # a replay rewrites the graph's gradient outputs, which accumulation would still be adding into
+        raise ValueError("train.compile_mode=cudagraphs needs optim.grad_accum=1")
     if d.partial_batches not in ("full", "pow2"):
         raise ValueError(f"data.partial_batches must be full or pow2, not {d.partial_batches!r}")
     if t.loader not in ("wds", "dali"):

@@ -52,26 +52,30 @@ def _syncs_and_ms(fn: Any, device: torch.device, calls: int = 10) -> tuple[float
     return float(syncs), start.elapsed_time(end) / calls
 
 
-def ctc_op_rows(shapes: list[tuple[int, int]], device: torch.device) -> list[dict[str, Any]]:
-    """ATen's CTC forward + backward alone, lengths as host int lists (what the step does) or device tensors."""
-    rows = []
+def _op_variants(log_probs: torch.Tensor, targets: torch.Tensor, in_len: torch.Tensor, tl: torch.Tensor,
+                 device: torch.device) -> list[tuple[str, Any]]:
+    """ATen's CTC forward + backward, lengths as host int lists (what the step does) or as device tensors."""
     aten = torch.ops.aten
+    d_in, d_tl = in_len.to(device), tl.to(device)
+
+    def host_lists() -> None:
+        asr._ctc_loss_and_grad(log_probs, targets, in_len, tl)
+
+    def device_tensors() -> None:
+        nll, alpha = aten._ctc_loss(log_probs, targets, d_in, d_tl, 0, True)
+        aten._ctc_loss_backward(torch.ones_like(nll), log_probs, targets, d_in, d_tl, nll, alpha, 0, True)
+
+    return [("host int lists (train step)", host_lists), ("device tensors", device_tensors)]
+
+
+def ctc_op_rows(shapes: list[tuple[int, int]], device: torch.device) -> list[dict[str, Any]]:
+    """ATen's CTC alone, each way of passing its lengths: syncs and milliseconds per call."""
+    rows = []
     for batch, frames in shapes:
         b = step_module.synthetic_batch(batch, frames, seed=3)
-        in_len, tl = b["lengths"] // 2, b["target_lengths"]
         log_probs = torch.randn(frames // 2, batch, 29, device=device).log_softmax(-1)
-        targets = b["targets"].to(device)
-
-        def host_lists() -> None:
-            asr._ctc_loss_and_grad(log_probs, targets, in_len, tl)
-
-        d_in, d_tl = in_len.to(device), tl.to(device)
-
-        def device_tensors() -> None:
-            nll, alpha = aten._ctc_loss(log_probs, targets, d_in, d_tl, 0, True)
-            aten._ctc_loss_backward(torch.ones_like(nll), log_probs, targets, d_in, d_tl, nll, alpha, 0, True)
-
-        for name, fn in (("host int lists (train step)", host_lists), ("device tensors", device_tensors)):
+        variants = _op_variants(log_probs, b["targets"].to(device), b["lengths"] // 2, b["target_lengths"], device)
+        for name, fn in variants:
             try:
                 syncs, ms = _syncs_and_ms(fn, device)
                 rows.append({"batch": batch, "frames": frames, "lengths": name, "syncs": syncs, "ms": ms})

@@ -43,11 +43,11 @@ def kit_configs(smoke: bool) -> dict[str, Any]:
                 "scale_batches": [2, 4], "loader_utts": 300, "sync_steps": 3, "steps": 2, "windows": 2,
                 "ctc_shapes": [(4, 128)], "ckpt_shape": (4, 256), "budget_s": 170}
     return {"a100": ("a100-b96", {"train.precision": "bf16"}, [(96, 400)]),
-            "fast": ("fast-h100", {}, [(100, 3000), (750, 400)]),
+            "fast": ("fast-h100", {}, [(73, 3000), (550, 400)]),  # its planned rows at 220 k frames
             "model_lengths": [1000, 3000], "model_batch": 16, "compile_frames": [128, 400, 3000],
             "compile_rows": None, "scale_batches": [48, 96, 192, 384, 768, 1536], "loader_utts": 60_000,
             "sync_steps": 10, "steps": 10, "windows": 3, "ctc_shapes": [(96, 400), (750, 400)],
-            "ckpt_shape": (100, 3000), "budget_s": 460}
+            "ckpt_shape": (73, 3000), "budget_s": 460}
 
 
 def count_syncs(runner: Any, batch: dict, steps: int, device: torch.device) -> dict[str, Any]:
@@ -128,8 +128,8 @@ def _loader_stage(out: Path, cfg: Config, utterances: int, step_utt_per_s: float
     return data
 
 
-STAGES = ("train_a100", "sync", "train_fast_h100", "loader", "model", "compile", "scale", "ctc", "checkpointing",
-          "sync_bisect")
+STAGES = ("train_a100", "sync", "cudagraphs", "train_fast_h100", "loader", "model", "compile", "scale", "ctc",
+          "checkpointing", "sync_bisect")
 
 
 def run_kit(out: Path, device: torch.device, smoke: bool = False,
@@ -177,6 +177,23 @@ def run_kit(out: Path, device: torch.device, smoke: bool = False,
 
         rows, frames = state["shape"]
         return count_syncs(state["runner"], synthetic_batch(rows, frames, seed=5), k["sync_steps"], device)
+
+    def cudagraphs() -> dict[str, Any]:
+        """The seed's A100 row again with train.compile_mode=cudagraphs: the answer to a host-bound step."""
+        from lmu_asr.bench.train import bench_train_config
+        from lmu_asr.train.step import synthetic_batch
+
+        preset, sets, shapes = k["a100"]
+        rows, frames = shapes[0]
+        cfg = load_config(preset, None, {**sets, "train.compile_mode": "cudagraphs"})
+        torch._dynamo.reset()
+        r = bench_train_config(cfg, rows, frames, device, k["steps"], k["windows"], keep_runner=True)
+        syncs = count_syncs(r.pop("runner"), synthetic_batch(rows, frames, seed=5), k["sync_steps"], device)
+        base = state.get("step_utt")
+        return {"utt_per_s": r["utt_per_s"], "it_per_s": r["it_per_s"], "step_ms": r["step_ms"],
+                "peak_gb": r.get("max_allocated_gb") or r.get("max_rss_gb"), "compile_s": r["compile_s"],
+                "vs_default_compile": r["utt_per_s"] / base if base else None,
+                "syncs_per_step": syncs["syncs_per_step"], "sync_stacks": syncs.get("stacks")}
 
     def fast() -> dict[str, Any]:
         preset, sets, shapes = k["fast"]
@@ -229,8 +246,8 @@ def run_kit(out: Path, device: torch.device, smoke: bool = False,
         rows = bench_sync_bisect(out, load_config(preset, None, sets), device, shapes[0], k["sync_steps"])["rows"]
         return {"rows": [{f: r[f] for f in ("variant", "syncs_per_step", "step_ms", "top_stack")} for r in rows]}
 
-    for name, fn in (("train_a100", a100), ("sync", sync), ("train_fast_h100", fast), ("loader", loader),
-                     ("model", model), ("compile", compile_), ("scale", scale), ("ctc", ctc),
+    for name, fn in (("train_a100", a100), ("sync", sync), ("cudagraphs", cudagraphs), ("train_fast_h100", fast),
+                     ("loader", loader), ("model", model), ("compile", compile_), ("scale", scale), ("ctc", ctc),
                      ("checkpointing", checkpointing), ("sync_bisect", sync_bisect)):
         if name not in stages:
             continue

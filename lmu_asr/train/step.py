@@ -39,16 +39,22 @@ log = logging.getLogger(__name__)
 
 
 class CTCTrainStep(nn.Module):
-    """Forward + CTC loss as one module: what DDP wraps and torch.compile turns into one graph."""
+    """Forward + CTC loss as one module: what DDP wraps and torch.compile turns into one graph.
 
-    def __init__(self, model: LMUASR) -> None:
+    ``encode``: what computes (logits, output lengths) instead of ``model`` itself; ``compile_mode=cudagraphs``
+    puts the model compiled with CUDA graphs there and leaves the CTC (host lengths, ATen's own copies) eager.
+    """
+
+    def __init__(self, model: LMUASR, encode: Any = None) -> None:
         super().__init__()
         self.model = model
+        # not a submodule: the compiled wrapper shares the model's parameters, which must be registered once
+        self.__dict__["encode"] = encode
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
                 target_lengths: torch.Tensor, host_out_lengths: torch.Tensor | None = None,
                 host_target_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        logits, out_lengths = self.model(feats, lengths)
+        logits, out_lengths = (self.encode if self.encode is not None else self.model)(feats, lengths)
         return ctc_loss(logits, out_lengths, targets, target_lengths, host_out_lengths, host_target_lengths)
 
 
@@ -116,19 +122,24 @@ class StepRunner:
         self.amp = autocast_dtype(cfg.train.precision, device, cfg.train.cpu_autocast)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg.optim, total_steps))
-        module: nn.Module = CTCTrainStep(model)
+        self.compiled = compile_enabled(cfg, device.type)
+        dynamic = cfg.train.compile_shapes == "dynamic"
+        # CUDA graphs replay a whole step's kernels with one launch: what a host-bound step (small batches on a
+        # fast GPU) needs. They cannot hold the CTC (host lengths, ATen's host->device copies), so that mode
+        # compiles the model alone and runs the loss eagerly after it.
+        self.cudagraphs = self.compiled and cfg.train.compile_mode == "cudagraphs"
+        encode = torch.compile(model, mode="reduce-overhead", dynamic=dynamic) if self.cudagraphs else None
+        module: nn.Module = CTCTrainStep(model, encode)
         if info.distributed:
             module = nn.parallel.DistributedDataParallel(
                 module, device_ids=[device.index] if device.type == "cuda" else None)
         self.ddp = module
-        self.compiled = compile_enabled(cfg, device.type)
         if self.compiled:
             # static shapes: one graph per planned (rows, bucket), more than dynamo's default cache of 8
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
             torch._dynamo.config.accumulated_cache_size_limit = max(
                 torch._dynamo.config.accumulated_cache_size_limit, 1024)
-        dynamic = cfg.train.compile_shapes == "dynamic"
-        self.fn = torch.compile(module, dynamic=dynamic) if self.compiled else module
+        self.fn = torch.compile(module, dynamic=dynamic) if self.compiled and not self.cudagraphs else module
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -144,6 +155,8 @@ class StepRunner:
             self.scaler.load_state_dict(state["scaler"])
 
     def _loss(self, batch: dict, scale: float) -> torch.Tensor:
+        if self.cudagraphs:  # a new forward: what the graphs returned last time (used up by now) may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         host_out, host_tl = host_lengths(batch, self.cfg.model.downsample)
         b = to_device(batch, self.device)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):

@@ -73,3 +73,18 @@ def test_gpu_kit_stages_subset_and_unknown_stage(tmp_path: Path) -> None:
     assert ok.exit_code == 0, ok.output
     summary = json.loads((tmp_path / "k" / "gpu_kit.json").read_text())
     assert list(summary["stages"]) == ["model"]  # only what was asked for runs
+
+
+def test_gpu_kit_measures_the_shapes_the_presets_plan() -> None:
+    """The kit's fast-h100 rows are that preset's own planned (rows, bucket) shapes, so they follow a preset change."""
+    from lmu_asr.bench.gpu import kit_configs
+    from lmu_asr.config import load_config
+    from lmu_asr.data.sampler import planned_shapes
+
+    k = kit_configs(False)
+    for key in ("fast", "a100"):
+        preset, sets, shapes = k[key]
+        cfg = load_config(preset, None, sets)
+        assert set(shapes) <= set(planned_shapes(cfg.data, cfg.model.downsample)), key
+    fast = load_config(k["fast"][0], None, k["fast"][1])
+    assert k["ckpt_shape"] in planned_shapes(fast.data, fast.model.downsample)
