@@ -85,24 +85,17 @@ def count_syncs(runner: Any, batch: dict, steps: int, device: torch.device) -> d
             "stacks": dict(stacks)}
 
 
-def _loader_stage(out: Path, cfg: Config, utterances: int, step_utt_per_s: float | None) -> dict[str, Any]:
-    import os
-
-    from lmu_asr.bench.synthetic import write_synthetic_shards
+def _loader_rates(shards: Any, cfg: Config, workers: int) -> tuple[float, float | None, float]:
+    """(utt/s in one process, utt/s of the DataLoader from its first batch on, its start-up seconds)."""
     from lmu_asr.data.dataset import BatchDataset, make_loader
     from lmu_asr.data.sampler import epoch_plan
-    from lmu_asr.data.shards import ShardSet
 
-    folder = write_synthetic_shards(out / "work" / "synthetic_shards", utterances, 4, min_frames=150,
-                                    max_frames=cfg.data.max_frames)
-    shards = ShardSet.open(folder)
     batches, _ = epoch_plan(shards, cfg.data, cfg.model.downsample, 0, 0)
     ds = BatchDataset(shards, batches, cfg.model.downsample)
     t, utts = time.perf_counter(), 0
     for k in range(len(ds)):
         utts += ds[k]["real"]
     one = utts / (time.perf_counter() - t)
-    workers = max(1, min(8, (os.cpu_count() or 2) - 1))
     # Steady state from the first batch on: the workers' start-up (forking, opening the shards) is reported on
     # its own. The H200 run of 2026-11-26 timed it inside a 1-second measurement and showed 8 workers slower
     # than one process.
@@ -113,16 +106,38 @@ def _loader_stage(out: Path, cfg: Config, utterances: int, step_utt_per_s: float
             continue
         utts += b["real"]
     many = utts / (time.perf_counter() - first) if first is not None and utts else None
-    rows = [{"loader": "BatchDataset, 1 process", "utt_per_s": one, "startup_s": 0.0},
-            {"loader": f"DataLoader, {workers} workers, pinned", "utt_per_s": many, "startup_s": startup}]
+    return one, many, startup
+
+
+def _loader_stage(out: Path, configs: list[tuple[Config, float | None]], utterances: int) -> dict[str, Any]:
+    """The loader on one synthetic shard folder, batched as each config plans, against that config's step."""
+    import os
+
+    from lmu_asr.bench.synthetic import write_synthetic_shards
+    from lmu_asr.data.shards import ShardSet
+
+    longest = min(c.data.max_frames for c, _ in configs)
+    folder = write_synthetic_shards(out / "work" / "synthetic_shards", utterances, 4, min_frames=150,
+                                    max_frames=longest)
+    shards = ShardSet.open(folder)
+    workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    rows = []
+    for cfg, step in configs:
+        one, many, startup = _loader_rates(shards, cfg, workers)
+        for name, rate, start in (("BatchDataset, 1 process", one, 0.0),
+                                  (f"DataLoader, {workers} workers" + (", pinned" if torch.cuda.is_available()
+                                                                        else ""), many, startup)):
+            rows.append({"preset": cfg.preset, "loader": name, "utt_per_s": rate, "startup_s": start,
+                         "step_utt_per_s": step, "over_step": rate / step if rate and step else None})
+    over = [r["over_step"] for r in rows if r["loader"].startswith("DataLoader") and r["over_step"]]
     data = {"env": environment(), "utterances": utterances, "rows": rows, "workers": workers,
-            "step_utt_per_s": step_utt_per_s,
-            "loader_over_step": many / step_utt_per_s if step_utt_per_s and many else None}
-    body = (f"Synthetic shards ({utterances} utterances of 1.5-{cfg.data.max_frames / 100:.0f} s, preset "
-            f"`{cfg.preset}` batches); DataLoader rates from its first batch on, its start-up apart.\n\n"
-            + markdown_table(rows, [("loader", "loader"), ("utt_per_s", "utt/s"), ("startup_s", "start-up s")])
-            + (f"\n\nThe step consumes {step_utt_per_s:.0f} utt/s: the loader delivers "
-               f"{data['loader_over_step']:.1f}x that." if data["loader_over_step"] else ""))
+            "loader_over_step": min(over) if over else None}
+    body = (f"Synthetic shards ({utterances} utterances of 1.5-{longest / 100:.0f} s), batched as each preset "
+            "plans them; DataLoader rates from its first batch on, its start-up apart; `x step` = the loader's "
+            "rate over what that preset's step consumes (from this run's train stages).\n\n"
+            + markdown_table(rows, [("preset", "preset"), ("loader", "loader"), ("utt_per_s", "utt/s"),
+                                    ("startup_s", "start-up s"), ("step_utt_per_s", "step utt/s"),
+                                    ("over_step", "x step")]))
     data["files"] = [str(p) for p in write_report(out, "loader_synthetic", "Loader on synthetic shards", data,
                                                   body)]
     return data
@@ -199,13 +214,16 @@ def run_kit(out: Path, device: torch.device, smoke: bool = False,
         preset, sets, shapes = k["fast"]
         data = bench_train(load_config(preset, None, sets), out, device, shapes, k["steps"], k["windows"],
                            name="train_fast_h100")
+        short = [r for r in data["rows"] if r["frames"] <= 400]  # the loader stage's shards are <= 4 s
+        state["fast_step_utt"] = short[0]["utt_per_s"] if short else None
         return {"rows": [{f: r.get(f) for f in ("batch", "frames", "utt_per_s", "audio_s_per_s", "mfu",
                                                  "max_allocated_gb", "max_rss_gb")} for r in data["rows"]],
                 "memory_estimate_gb": data["memory_estimate"]["total_gb"]}
 
     def loader() -> dict[str, Any]:
-        cfg = state.get("cfg") or load_config(k["a100"][0], None, k["a100"][1])
-        data = _loader_stage(out, cfg, k["loader_utts"], state.get("step_utt"))
+        configs = [(load_config(k["a100"][0], None, k["a100"][1]), state.get("step_utt")),
+                   (load_config(k["fast"][0], None, k["fast"][1]), state.get("fast_step_utt"))]
+        data = _loader_stage(out, configs, k["loader_utts"])
         return {"rows": data["rows"], "loader_over_step": data["loader_over_step"]}
 
     def model() -> dict[str, Any]:

@@ -47,6 +47,8 @@ def test_gpu_kit_smoke_under_an_import_blocker(tmp_path: Path) -> None:
     ctc = json.loads((out / "ctc_cost.json").read_text())
     assert [r["loss"] for r in ctc["step_rows"]] == ["ATen CTC", "stand-in (no CTC)"]
     assert {r["lengths"] for r in ctc["op_rows"]} == {"host int lists (train step)", "device tensors"}
+    loader = json.loads((out / "loader_synthetic.json").read_text())["rows"]
+    assert len(loader) == 4 and all(r["utt_per_s"] > 0 and r["step_utt_per_s"] > 0 for r in loader)
     ckpt = json.loads((out / "checkpointing.json").read_text())["rows"]
     assert [r["checkpointing"] for r in ckpt] == [False, True]
     assert ckpt[1]["estimate_gb"] < ckpt[0]["estimate_gb"]  # checkpointing keeps fewer activations
