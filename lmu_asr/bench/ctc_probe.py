@@ -1,18 +1,17 @@
-"""What the CTC loss costs a GPU step, and what activation checkpointing buys: two stages of the GPU kit.
+"""Three stages of the GPU kit that look into the step: what the CTC costs, what activation checkpointing buys,
+and where the step synchronises.
 
-The first H200 run of the kit (torch 2.11) counted 6 host-device synchronisations per steady-state step, all
-inside ATen's CUDA CTC (it copies the lengths and target offsets to the device from pageable memory, and each
-such copy waits for the stream). Before anyone writes a CTC kernel of their own, this measures how much there is
-to win: the CTC op alone with each way of passing its lengths (syncs and time per call), and the whole step with
-CTC replaced by a stand-in loss of the same shape that never synchronises (an upper bound on the gain).
-
-``checkpointing``: the fast-h100 preset at its longest bucket with and without activation checkpointing, peak
-memory against the 5.5 GB goal and the step-time price, side by side in one run.
+``ctc``: the CTC op alone with each way of passing its lengths (syncs and time per call), and the whole step with
+CTC replaced by a stand-in loss of the same shape that never synchronises: the most a CTC kernel of our own could
+win. ``checkpointing``: a preset at one shape with and without activation checkpointing, peak memory and step
+time side by side. ``sync_bisect``: the step's synchronisations with one part changed at a time. The H200 run of
+2026-11-26 counted 6 per step inside the compiled forward and 0 in the CTC alone; this stage tells the rest apart.
 """
 
 from __future__ import annotations
 
-import warnings
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,8 @@ from lmu_asr.train import step as step_module
 
 def _syncs_and_ms(fn: Any, device: torch.device, calls: int = 10) -> tuple[float | None, float]:
     """(synchronisations per call counted by the sync debug mode, milliseconds per call by CUDA events)."""
+    from lmu_asr.bench.gpu import record_syncs
+
     fn()  # first call outside the count: lazy initialisation
     if device.type != "cuda":
         import time
@@ -35,14 +36,7 @@ def _syncs_and_ms(fn: Any, device: torch.device, calls: int = 10) -> tuple[float
             fn()
         return None, 1000 * (time.perf_counter() - t) / calls
     torch.cuda.synchronize(device)
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
+    syncs = sum(record_syncs(fn)[0].values())
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(calls):
@@ -93,6 +87,17 @@ def standin_loss(logits: torch.Tensor, out_lengths: torch.Tensor, targets: torch
         return -(lp[..., 0] * mask).sum() / mask.sum().clamp(min=1)
 
 
+@contextlib.contextmanager
+def loss_in_step(loss: Any) -> Iterator[None]:
+    """The train step with ``loss`` in place of the CTC (same arguments), recompiled; the CTC back afterwards."""
+    torch._dynamo.reset()  # a compiled step must trace the loss it is given now
+    step_module.ctc_loss = loss
+    try:
+        yield
+    finally:
+        step_module.ctc_loss = asr.ctc_loss
+
+
 def step_rows(cfg: Config, shapes: list[tuple[int, int]], device: torch.device, steps: int,
               windows: int) -> list[dict[str, Any]]:
     """The whole train step with ATen's CTC and with the stand-in loss, side by side."""
@@ -101,12 +106,8 @@ def step_rows(cfg: Config, shapes: list[tuple[int, int]], device: torch.device, 
     rows = []
     for batch, frames in shapes:
         for name, loss in (("ATen CTC", asr.ctc_loss), ("stand-in (no CTC)", standin_loss)):
-            torch._dynamo.reset()  # the compiled step must trace the loss it is given now
-            step_module.ctc_loss = loss
-            try:
+            with loss_in_step(loss):
                 r = bench_train_config(cfg, batch, frames, device, steps, windows)
-            finally:
-                step_module.ctc_loss = asr.ctc_loss
             rows.append({"batch": batch, "frames": frames, "loss": name, "step_ms": r["step_ms"],
                          "utt_per_s": r["utt_per_s"]})
         ctc, free = rows[-2]["step_ms"], rows[-1]["step_ms"]
@@ -170,13 +171,9 @@ def bench_sync_bisect(out: Path, cfg: Config, device: torch.device, shape: tuple
     def variant(name: str, change: Any, loss: Any = None) -> dict[str, Any]:
         c = copy.deepcopy(cfg)
         change(c)
-        torch._dynamo.reset()
-        step_module.ctc_loss = loss or asr.ctc_loss
-        try:
+        with loss_in_step(loss or asr.ctc_loss):
             r = bench_train_config(c, shape[0], shape[1], device, 2, 1, warmup=2, keep_runner=True)
             counted = count_syncs(r.pop("runner"), step_module.synthetic_batch(*shape, seed=5), steps, device)
-        finally:
-            step_module.ctc_loss = asr.ctc_loss
         top = max((counted.get("stacks") or {}).items(), key=lambda kv: kv[1], default=("", 0))[0]
         return {"variant": name, "syncs_per_step": counted["syncs_per_step"], "step_ms": r["step_ms"],
                 "top_stack": top[:300], "stacks": counted.get("stacks")}

@@ -62,11 +62,25 @@ def count_syncs(runner: Any, batch: dict, steps: int, device: torch.device) -> d
         return {"syncs_per_step": None, "note": "CPU: no device to synchronise with (tests/train/test_step.py "
                 "checks that the step reads no scalar from a step result)"}
     torch.cuda.synchronize(device)
+
+    def run() -> None:
+        for i in range(steps):
+            reader.push(runner([batch], seed=200 + i), {"step": i, "epoch": 0, "lr": 0.0, "utterances": 1})
+
+    where, stacks = record_syncs(run)
+    reader.drain()
+    return {"syncs_per_step": sum(where.values()) / steps, "steps": steps, "where": dict(where),
+            "stacks": dict(stacks)}
+
+
+def record_syncs(fn: Callable[[], Any]) -> tuple[Counter, Counter]:
+    """Run ``fn`` under ``torch.cuda.set_sync_debug_mode("warn")``: its synchronisations counted by the Python
+    line that raised them and by the Python stack at that moment (innermost first, 8 frames)."""
     where: Counter = Counter()
     stacks: Counter = Counter()
 
     def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        if "synchroniz" in str(message).lower():  # the Python stack at the synchronising call, innermost last
+        if "synchroniz" in str(message).lower():
             where[f"{Path(filename).name}:{lineno}"] += 1
             frames = traceback.extract_stack()[:-1]
             stacks[" <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(frames[-8:]))] += 1
@@ -76,13 +90,10 @@ def count_syncs(runner: Any, batch: dict, steps: int, device: torch.device) -> d
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = show
-            for i in range(steps):
-                reader.push(runner([batch], seed=200 + i), {"step": i, "epoch": 0, "lr": 0.0, "utterances": 1})
+            fn()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    reader.drain()
-    return {"syncs_per_step": sum(where.values()) / steps, "steps": steps, "where": dict(where),
-            "stacks": dict(stacks)}
+    return where, stacks
 
 
 def _loader_rates(shards: Any, cfg: Config, workers: int) -> tuple[float, float | None, float]:

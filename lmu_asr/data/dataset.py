@@ -111,20 +111,17 @@ def assemble_batch(b: Batch, read: Callable[[int], tuple[np.ndarray, str]], key_
             damaged.append({"key": key, "reason": err.reason, "detail": str(err)})
             texts.append("")
             keys.append(key)
-            if pooled is not None:
-                feats[row] = 0
             continue
         feats[row, : x.shape[0]] = x
-        if pooled is not None:
-            feats[row, x.shape[0]:] = 0
         lengths[row] = x.shape[0]
         if len(ids) <= S:  # else (evaluation only) scored for WER, left out of the loss
             targets[row, : len(ids)] = ids
             target_lengths[row] = len(ids)
         texts.append(text)
         keys.append(key)
-    if pooled is not None:
-        feats[len(b.indices):] = 0  # rows the plan left empty (partial batches padded to full rows)
+    if pooled is not None:  # a reused buffer: zero past each row's length (damaged and unused rows have 0)
+        for row, n in enumerate(lengths.tolist()):
+            feats[row, n:] = 0
     item = {"feats": pooled if pooled is not None else torch.from_numpy(feats), "lengths": torch.from_numpy(lengths),
             "targets": torch.from_numpy(targets), "target_lengths": torch.from_numpy(target_lengths),
             "real": b.real - len(damaged), "skipped": len(damaged), "damaged": damaged}
