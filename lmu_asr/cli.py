@@ -194,7 +194,9 @@ def eval_cmd(checkpoint: Path, shards: Path, beam: int, report: Path | None, dev
                    decoder=words.decode if words else None)
     label = words.opts.label() if words else ("beam" + str(beam) if beam > 1 else "greedy")
     if words:
-        res["lm"] = {"dir": str(lm_dir), **vars(words.opts)}
+        from lmu_asr.lm.decode import describe
+
+        res["lm"] = {"dir": str(lm_dir), **describe(words.opts)}
     report = report or checkpoint.parent / f"eval_{shards.resolve().name}_{label.replace('+', '_')}.json"
     atomic_write_text(report, json.dumps({"checkpoint": str(checkpoint), "shards": str(shards), **res}, indent=1))
     detail = (f"{label}, LM weight {words.opts.lm_weight:g}, word score {words.opts.word_score:g}" if words

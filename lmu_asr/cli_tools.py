@@ -192,13 +192,13 @@ def lm_build(shard_dirs: tuple[Path, ...], text_files: tuple[Path, ...], out: Pa
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
 @click.option("--shards", required=True, type=click.Path(path_type=Path), help="A DEV set (never the test set).")
 @click.option("--lm", "lm_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--beam", default=32, show_default=True, type=POS)
+@click.option("--beam", type=POS, help="Beam width (default: 512 with the lexicon, 32 without).")
 @click.option("--lexicon/--no-lexicon", default=True, show_default=True)
-@click.option("--weights", default="0.5,1,1.5,2,2.5,3", show_default=True)
+@click.option("--weights", default="0.5,1,1.5,2,2.5,3,3.5,4", show_default=True)
 @click.option("--word-scores", default="-2,-1,0,1", show_default=True)
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @user_errors
-def tune_lm(checkpoint: Path, shards: Path, lm_dir: Path, beam: int, lexicon: bool, weights: str,
+def tune_lm(checkpoint: Path, shards: Path, lm_dir: Path, beam: int | None, lexicon: bool, weights: str,
             word_scores: str, device: str) -> None:
     """Pick the LM weight and word score on DEV; writes LM/tuned.json, which eval/transcribe then use."""
     from lmu_asr.data.shards import ShardSet

@@ -71,9 +71,9 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     assert len(summary["transcripts"]) == 3 and all(t["reference"] for t in summary["transcripts"])
     report = (out / "report.md").read_text()
     assert "| greedy |" in report and "| beam8 |" in report and (out / "run" / "curves.png").is_file()
-    assert set(summary["test"]) == {"greedy", "beam8", "beam32+lm"}  # one entry per decoder, LM by default
+    assert set(summary["test"]) == {"greedy", "beam8", "beam512+lm"}  # one entry per decoder, LM by default
     assert all(set(v) >= {"wer", "cer", "utterances"} for v in summary["test"].values())
-    assert "| beam32+lm |" in report and "chosen on DEV" in report
+    assert "| beam512+lm |" in report and "chosen on DEV" in report
     lexicon = {line.split("\t")[0] for line in (out / "lm" / "lexicon.txt").read_text().splitlines()}
     assert all(w in lexicon for t in summary["transcripts"] for w in t["hypothesis"].split())  # LM-decoded
     code, output = run_cli("transcribe", "--checkpoint", str(best[0]), "--lm", str(out / "lm"),

@@ -143,6 +143,10 @@ def test_lexicon_decoding_spells_known_words(tmp_path: Path) -> None:
     build_lm(["TURN OFF THE BATHROOM TELEVISION"] * 3 + ["TURN ON THE KITCHEN LIGHT"] * 3, tmp_path / "lm", 3)
     lp = emissions_for("TURN OF THE BATHROO TLIVISON")  # what greedy decoding printed in the demo
     assert WordDecoder(tmp_path / "lm", LMOptions(lm_weight=1.0)).decode(lp) == "TURN OFF THE BATHROOM TELEVISION"
+    # why every token is tried: the letters TELEVISION needs tie with 20 others here, so a token beam of 10 is a
+    # lottery (and loses)
+    assert WordDecoder(tmp_path / "lm", LMOptions(lm_weight=1.0, token_beam=10)).decode(lp) != \
+        "TURN OFF THE BATHROOM TELEVISION"
     free = WordDecoder(tmp_path / "lm", LMOptions(lm_weight=1.0, lexicon=False, beam=8)).decode(lp)
     assert free.split()[0] == "TURN"  # the lexicon-free decoder may spell anything; the LM only weighs words
     dec = WordDecoder(tmp_path / "lm", LMOptions(lm_weight=1.0))
@@ -166,10 +170,11 @@ def test_lm_build_tune_eval_transcribe(window_run: Path, synth_shards: Path, syn
     assert len(tuned["grid"]) == 4 and tuned["dev_wer"] == min(g["wer"] for g in tuned["grid"])
     code, output = run_cli("eval", "--checkpoint", str(ck), "--shards", str(synth_dev), "--lm", str(lm), "--report",
                            str(tmp_path / "e.json"))
-    assert code == 0 and "beam32+lm" in output, output
+    assert code == 0 and "beam512+lm" in output, output
     report = json.loads((tmp_path / "e.json").read_text())
     assert report["wer"] == pytest.approx(tuned["dev_wer"]) and report["lm"]["lm_weight"] == tuned["options"][
         "lm_weight"]
+    assert report["lm"]["beam"] == tuned["options"]["beam"] == 512  # the width searched, recorded as a number
     import soundfile as sf
 
     from lmu_asr.prep.synth import SynthSpec, synthetic_utterances
@@ -184,6 +189,34 @@ def test_lm_build_tune_eval_transcribe(window_run: Path, synth_shards: Path, syn
     assert code == code2 == 0 and offline == streaming  # the LM decoder takes chunks as they come
     vocab = {w for line in (lm / "lexicon.txt").read_text().splitlines() for w in line.split("\t")[:1]}
     assert all(w in vocab for line in offline.splitlines() for w in line.split("\t")[1].split())
+
+
+def test_options_precedence(tmp_path: Path) -> None:
+    from lmu_asr.lm.decode import FREE_BEAM, LEXICON_BEAM, LMOptions, load_options
+
+    assert LMOptions().width == LEXICON_BEAM and LMOptions(lexicon=False).width == FREE_BEAM
+    (tmp_path / "tuned.json").write_text(json.dumps({"options": {"lm_weight": 2.5, "word_score": -1.0,
+                                                                 "beam": 300, "lexicon": True}}))
+    tuned = load_options(tmp_path)
+    assert (tuned.lm_weight, tuned.word_score, tuned.width) == (2.5, -1.0, 300)
+    assert load_options(tmp_path, lm_weight=1.0, beam=64).lm_weight == 1.0
+    assert load_options(tmp_path, beam=64).width == 64
+    free = load_options(tmp_path, lexicon=False)  # a lexicon-tuned width would make the Python search crawl
+    assert free.width == FREE_BEAM and free.lm_weight == 2.5
+
+
+def test_tune_breaks_ties_at_the_plain_bayes_weight(tmp_path: Path, monkeypatch) -> None:
+    from lmu_asr.lm import tune as tune_mod
+
+    build_lm(["ONE", "TWO", "THREE"], tmp_path, 2)
+    monkeypatch.setattr(tune_mod, "score", lambda decoder, utts: {"wer": 0.0, "cer": 0.0})  # an easy DEV: all tie
+    assert tune_mod.tune(tmp_path, [])["options"] | {"beam": 0} == {"lm_weight": 2.5, "word_score": 0.0,
+                                                                    "beam": 0, "lexicon": True}
+    rates = {(1.0, -1.0): 0.1}  # a lower WER anywhere wins over the tie-break
+    monkeypatch.setattr(tune_mod, "score", lambda d, u: {"wer": rates.get((d.opts.lm_weight, d.opts.word_score),
+                                                                         0.2), "cer": 0.0})
+    best = tune_mod.tune(tmp_path, [])["options"]
+    assert (best["lm_weight"], best["word_score"]) == (1.0, -1.0)
 
 
 @pytest.mark.parametrize("args,message", [
