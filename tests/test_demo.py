@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmu_asr.demo import speed_perturbed
+from lmu_asr.demo import BUILTIN_EPOCHS, SPEECH_DIR_EPOCHS, DemoOptions, demo_epochs, speed_perturbed
 from lmu_asr.prep.minicorpus import SourceUtterance
 from lmu_asr.prep.synth import ACCENTS, SynthSpec, render, sentence, synthetic_utterances, voices
 from lmu_asr.text import encode, normalize_transcript
@@ -57,6 +57,19 @@ def test_speed_perturbation_scales_tempo_and_pitch(factor: float) -> None:
     spectrum = np.abs(np.fft.rfft(fast.audio[1000:-1000]))
     peak = np.fft.rfftfreq(fast.audio.size - 2000, 1 / 16_000)[spectrum.argmax()]
     assert peak == pytest.approx(440 * factor, abs=2)
+
+
+def test_demo_epochs_by_corpus_and_flags(tmp_path: Path) -> None:
+    from lmu_asr.config import load_config
+
+    assert demo_epochs(DemoOptions(out=tmp_path)) == BUILTIN_EPOCHS
+    assert demo_epochs(DemoOptions(out=tmp_path, speech_dir=tmp_path)) == SPEECH_DIR_EPOCHS != BUILTIN_EPOCHS
+    assert demo_epochs(DemoOptions(out=tmp_path, speech_dir=tmp_path, quick=True)) == 8
+    assert demo_epochs(DemoOptions(out=tmp_path, speech_dir=tmp_path, epochs=3)) == 3
+    # --set train.epochs=N is applied after the demo's default, as run_demo merges them
+    sets = {"train.epochs": "5"}
+    assert load_config("cpu-small", None, {"train.epochs": demo_epochs(DemoOptions(out=tmp_path)), **sets}
+                       ).train.epochs == 5
 
 
 def test_quick_demo_end_to_end(tmp_path: Path) -> None:
