@@ -196,10 +196,11 @@ def lm_build(shard_dirs: tuple[Path, ...], text_files: tuple[Path, ...], out: Pa
 @click.option("--lexicon/--no-lexicon", default=True, show_default=True)
 @click.option("--weights", default="0.5,1,1.5,2,2.5,3,3.5,4", show_default=True)
 @click.option("--word-scores", default="-2,-1,0,1", show_default=True)
+@click.option("--jobs", type=POS, help="Processes for the grid (default: one per available core).")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @user_errors
 def tune_lm(checkpoint: Path, shards: Path, lm_dir: Path, beam: int | None, lexicon: bool, weights: str,
-            word_scores: str, device: str) -> None:
+            word_scores: str, jobs: int | None, device: str) -> None:
     """Pick the LM weight and word score on DEV; writes LM/tuned.json, which eval/transcribe then use."""
     from lmu_asr.data.shards import ShardSet
     from lmu_asr.lm.tune import tune
@@ -217,7 +218,7 @@ def tune_lm(checkpoint: Path, shards: Path, lm_dir: Path, beam: int | None, lexi
     utterances: list = []
     base = evaluate(model, ShardSet.open(shards), cfg, dev, collect=utterances)
     res = tune(lm_dir, utterances, beam, lexicon, floats(weights, "--weights"), floats(word_scores, "--word-scores"),
-               str(checkpoint))
+               str(checkpoint), jobs)
     o = res["options"]
     click.echo(f"DEV ({res['dev_utterances']} utterances): greedy WER {100 * base['wer']:.2f} %; with the LM "
                f"{100 * res['dev_wer']:.2f} % at LM weight {o['lm_weight']:g}, word score {o['word_score']:g} "

@@ -205,6 +205,20 @@ def test_options_precedence(tmp_path: Path) -> None:
     assert free.width == FREE_BEAM and free.lm_weight == 2.5
 
 
+def test_tune_in_parallel_gives_the_serial_grid(tmp_path: Path) -> None:
+    from lmu_asr.lm.tune import tune
+
+    build_lm(["TURN OFF THE BATHROOM TELEVISION", "TURN ON THE KITCHEN LIGHT", "TURN OFF THE LIGHT"], tmp_path, 3)
+    said = ["TUR OF TE BATROO TLIVSON", "TRN N TE KICHN LIT", "TRN OF TH LIT"]  # badly enough that weights matter
+    utts = [(str(i), ref, emissions_for(text, confidence=0.3)) for i, (ref, text) in enumerate(
+        zip(["TURN OFF THE BATHROOM TELEVISION", "TURN ON THE KITCHEN LIGHT", "TURN OFF THE LIGHT"], said,
+            strict=True))]
+    serial = tune(tmp_path, utts, jobs=1)
+    parallel = tune(tmp_path, utts, jobs=3)
+    assert parallel["grid"] == serial["grid"] and len(serial["grid"]) == 32
+    assert len({g["wer"] for g in serial["grid"]}) > 1  # the points differ, so a mixed-up order would show
+
+
 def test_tune_breaks_ties_at_the_plain_bayes_weight(tmp_path: Path, monkeypatch) -> None:
     from lmu_asr.lm import tune as tune_mod
 
