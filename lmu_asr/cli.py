@@ -273,7 +273,7 @@ def plot(run: Path, out: Path | None) -> None:
               "--speech-dir, 8 with --quick).")
 @click.option("--set", "sets", multiple=True, help="Config overrides for training (--set model.dropout=0.2).")
 @click.option("--utterances", default=1500, show_default=True, type=click.IntRange(min=10), help="Built-in corpus: training utterances.")
-@click.option("--quick", is_flag=True, help="A small, fast version (about 40 s on 2 CPU cores).")
+@click.option("--quick", is_flag=True, help="A small, fast version (about 45 s on 2 CPU cores).")
 @click.option("--jobs", default=2, show_default=True, type=POS)
 @click.option("--beam", default=8, show_default=True, type=NONNEG)
 @click.option("--seed", default=0, show_default=True, type=NONNEG)

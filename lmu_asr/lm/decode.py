@@ -6,7 +6,7 @@
   (``decode_step``), which gives exactly the offline result. The search is wide and pruned by score, as
   wav2letter's recipes run it: up to 512 hypotheses, only those within 25 (natural log) of the best, merged paths
   summed (log-add, as CTC counts them). Measured on the demo's held-out voices (two seeds, weights fixed): beam 32
-  with max-merging gave 11.9 / 7.7 % WER at 1.3 ms per utterance; these settings give 6.3 / 3.9 % at 4.5 ms. The
+  with max-merging gave 10.9 / 7.7 % WER at 1.3 ms per utterance; these settings give 6.3 / 3.9 % at 4.5 ms. The
   threshold keeps the wide beam cheap (beam 128 without it: 8.8 ms). Every token is tried at every frame:
   the 10 likeliest decode as well on real posteriors and 1.5x faster, but lose the right word when a confident
   model spreads the rest of its mass evenly (``tests/lm``).
