@@ -99,26 +99,39 @@ class WordDecoder:
         self.words = create_word_dict(self.lexicon)
         with quiet_stderr():  # KenLM draws a loading bar on the C++ stderr
             self.lm = KenLM(str(lm_dir / "lm.arpa"), self.words)
+        self._trie: Any = None
         self.decoder = self._lexicon_decoder() if opts.lexicon else None
         self._state_cache: dict[tuple[str, ...], tuple[Any, float]] = {}
 
-    def _lexicon_decoder(self):  # noqa: ANN202 (flashlight type)
-        from flashlight.lib.text.decoder import (
-            CriterionType,
-            LexiconDecoder,
-            LexiconDecoderOptions,
-            SmearingMode,
-            Trie,
-        )
+    def with_options(self, opts: LMOptions) -> WordDecoder:
+        """The same LM, lexicon and trie under other options: what tune-lm's grid needs, without reloading an
+        ARPA file per point (a GigaSpeech-sized one takes far longer to load than DEV takes to decode)."""
+        other = object.__new__(WordDecoder)
+        other.__dict__.update(self.__dict__)
+        other.opts, other._state_cache = opts, {}
+        other.decoder = other._lexicon_decoder() if opts.lexicon else None
+        return other
 
-        trie = Trie(len(SYMBOLS) + 1, SPACE)
-        start = self.lm.start(False)
-        for word, spellings in self.lexicon.items():
-            idx = self.words.get_index(word)
-            _, score = self.lm.score(start, idx)
-            for spelling in spellings:
-                trie.insert([TOKEN[c] for c in spelling], idx, score)
-        trie.smear(SmearingMode.MAX)
+    def _spelling_trie(self):  # noqa: ANN202 (flashlight type)
+        """The lexicon's spellings with each word's unigram score, smeared: built once, shared by every decoder."""
+        if self._trie is None:
+            from flashlight.lib.text.decoder import SmearingMode, Trie
+
+            trie = Trie(len(SYMBOLS) + 1, SPACE)
+            start = self.lm.start(False)
+            for word, spellings in self.lexicon.items():
+                idx = self.words.get_index(word)
+                _, score = self.lm.score(start, idx)
+                for spelling in spellings:
+                    trie.insert([TOKEN[c] for c in spelling], idx, score)
+            trie.smear(SmearingMode.MAX)
+            self._trie = trie
+        return self._trie
+
+    def _lexicon_decoder(self):  # noqa: ANN202 (flashlight type)
+        from flashlight.lib.text.decoder import CriterionType, LexiconDecoder, LexiconDecoderOptions
+
+        trie = self._spelling_trie()
         o = LexiconDecoderOptions(beam_size=self.opts.width, beam_size_token=self.opts.token_beam,
                                   beam_threshold=self.opts.beam_threshold, lm_weight=self.opts.lm_weight,
                                   word_score=self.opts.word_score, unk_score=-math.inf, sil_score=0.0,

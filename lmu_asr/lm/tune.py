@@ -39,13 +39,13 @@ def score(decoder: WordDecoder, utterances: list[tuple[str, str, Any]]) -> dict[
     return rates.as_dict()
 
 
-_SHARED: dict[str, Any] = {}  # the DEV log-probs, handed to forked workers by memory, not by pickling
+_SHARED: dict[str, Any] = {}  # DEV log-probs and the loaded LM, handed to forked workers by memory
 
 
-def _grid_point(args: tuple[Path, float, float, int | None, bool]) -> dict[str, Any]:
-    lm_dir, w, ws, beam, lexicon = args
-    res = score(WordDecoder(lm_dir, LMOptions(lm_weight=w, word_score=ws, beam=beam, lexicon=lexicon)),
-                _SHARED["utterances"])
+def _grid_point(args: tuple[float, float, int | None, bool]) -> dict[str, Any]:
+    w, ws, beam, lexicon = args
+    decoder = _SHARED["decoder"].with_options(LMOptions(lm_weight=w, word_score=ws, beam=beam, lexicon=lexicon))
+    res = score(decoder, _SHARED["utterances"])
     return {"lm_weight": w, "word_score": ws, "wer": res["wer"], "cer": res["cer"]}
 
 
@@ -59,10 +59,11 @@ def tune(lm_dir: Path, utterances: list[tuple[str, str, Any]], beam: int | None 
     checkpoints' flat posteriors keep many hypotheses within the beam threshold (27 ms per utterance after the
     quick demo's 8 epochs against 6 ms after 25)."""
     t0 = time.time()
-    points = [(Path(lm_dir), w, ws, beam, lexicon) for w in weights for ws in word_scores]
+    points = [(w, ws, beam, lexicon) for w in weights for ws in word_scores]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     jobs = min(len(points), jobs or cores)
-    _SHARED["utterances"] = utterances
+    # the LM is loaded (and the trie built) once, here, before the workers fork
+    _SHARED.update(utterances=utterances, decoder=WordDecoder(Path(lm_dir), LMOptions(beam=beam, lexicon=lexicon)))
     try:
         if jobs > 1 and "fork" in mp.get_all_start_methods():
             with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
