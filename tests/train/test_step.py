@@ -141,16 +141,15 @@ def test_warm_up_compiles_every_planned_shape_and_training_adds_none(tmp_path: P
 
 def test_activation_estimate_and_fast_h100_fits_5_5_gb() -> None:
     from lmu_asr.bench.train import activation_estimate
-
-    fast = activation_estimate(load_config("fast-h100"))
     from lmu_asr.data.sampler import planned_shapes
 
     cfg = load_config("fast-h100")
+    fast = activation_estimate(cfg)
     assert fast["total_gb"] <= 5.5
     assert fast["largest_shape"] in {f"{r}x{f}" for r, f in planned_shapes(cfg.data, cfg.model.downsample)}
     a100 = activation_estimate(load_config("a100-b96"))
     assert 0.2 < a100["activations_gb"] < 2.0  # ~6 MB per 4 s utterance in bf16, as measured by the review
-    frames = load_config("fast-h100").data.batch_frames
+    frames = cfg.data.batch_frames
     double = activation_estimate(load_config("fast-h100", None, {"data.batch_frames": 2 * frames}))
     assert double["activations_gb"] == pytest.approx(2 * fast["activations_gb"], rel=0.05)  # linear in rows
     ckpt = activation_estimate(load_config("fast-h100", None, {"data.batch_frames": 2 * frames,
