@@ -107,6 +107,10 @@ class TrainConfig:
     # default: forward + CTC as one inductor graph | cudagraphs: the model compiled with CUDA graphs
     # (mode="reduce-overhead"), CTC eager outside it (its host lengths cannot be captured); see train/step.py
     compile_mode: str = "default"
+    # CTC of the train step: aten (host lengths; ATen's CUDA kernels copy them to the device, blocking, 6 times a
+    # step) | triton (our kernels, device lengths, no sync; with cudagraphs the whole step is one CUDA graph) |
+    # auto: triton on CUDA once a self-check against ATen passes, aten otherwise (and always on CPU)
+    ctc: str = "auto"
     loader: str = "wds"  # wds | dali
     save_every: int = 500
     log_every: int = 1
@@ -350,6 +354,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.compile_shapes must be static or dynamic, not {t.compile_shapes!r}")
     if t.compile_mode not in ("default", "cudagraphs"):
         raise ValueError(f"train.compile_mode must be default or cudagraphs, not {t.compile_mode!r}")
+    if t.ctc not in ("auto", "aten", "triton"):
+        raise ValueError(f"train.ctc must be auto, aten or triton, not {t.ctc!r}")
     if t.compile_mode == "cudagraphs" and cfg.optim.grad_accum > 1:
         # a replay rewrites the graph's gradient outputs, which accumulation would still be adding into
         raise ValueError("train.compile_mode=cudagraphs needs optim.grad_accum=1")

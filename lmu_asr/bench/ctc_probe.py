@@ -1,16 +1,18 @@
 """Three stages of the GPU kit that look into the step: what the CTC costs, what activation checkpointing buys,
 and where the step synchronises.
 
-``ctc``: the CTC op alone with each way of passing its lengths (syncs and time per call), and the whole step with
-CTC replaced by a stand-in loss of the same shape that never synchronises: the most a CTC kernel of our own could
-win. ``checkpointing``: a preset at one shape with and without activation checkpointing, peak memory and step
-time side by side. ``sync_bisect``: the step's synchronisations with one part changed at a time. The H200 run of
-2026-11-26 counted 6 per step inside the compiled forward and 0 in the CTC alone; this stage tells the rest apart.
+``ctc``: the CTC op alone with each way of passing its lengths, ATen's and our Triton kernels (syncs and time per
+call), and the whole step with each CTC and with a stand-in loss of the same shape that never synchronises.
+``checkpointing``: a preset at one shape with and without activation checkpointing, peak memory and step time
+side by side. ``sync_bisect``: the step's synchronisations with one part changed at a time. The H200 run of
+2026-11-26 counted 6 per step inside the compiled forward, and 0 in the CTC alone only because warnings raised
+under ``torch.ops`` calls did not reach the counter then; this stage tells the parts apart.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,11 @@ def _op_variants(log_probs: torch.Tensor, targets: torch.Tensor, in_len: torch.T
         nll, alpha = aten._ctc_loss(log_probs, targets, d_in, d_tl, 0, True)
         aten._ctc_loss_backward(torch.ones_like(nll), log_probs, targets, d_in, d_tl, nll, alpha, 0, True)
 
-    return [("host int lists (train step)", host_lists), ("device tensors", device_tensors)]
+    def triton() -> None:
+        asr._ctc_loss_and_grad_triton(log_probs, targets, d_in, d_tl)
+
+    variants = [("ATen, host int lists (train.ctc=aten)", host_lists), ("ATen, device tensors", device_tensors)]
+    return variants + ([("Triton, device tensors (train.ctc=triton)", triton)] if device.type == "cuda" else [])
 
 
 def ctc_op_rows(shapes: list[tuple[int, int]], device: torch.device) -> list[dict[str, Any]]:
@@ -79,7 +85,7 @@ def ctc_op_rows(shapes: list[tuple[int, int]], device: torch.device) -> list[dic
 
 
 def standin_loss(logits: torch.Tensor, out_lengths: torch.Tensor, targets: torch.Tensor,
-                 target_lengths: torch.Tensor, *_: Any) -> torch.Tensor:
+                 target_lengths: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
     """A loss with CTC's inputs and output shape but no alignment and no host read: the step's floor."""
     with torch.autocast(device_type=logits.device.type, enabled=False):
         lp = logits.float().log_softmax(-1)
@@ -98,20 +104,30 @@ def loss_in_step(loss: Any) -> Iterator[None]:
         step_module.ctc_loss = asr.ctc_loss
 
 
+def with_ctc(cfg: Config, ctc: str) -> Config:
+    c = copy.deepcopy(cfg)
+    c.train.ctc = ctc
+    return c
+
+
 def step_rows(cfg: Config, shapes: list[tuple[int, int]], device: torch.device, steps: int,
               windows: int) -> list[dict[str, Any]]:
-    """The whole train step with ATen's CTC and with the stand-in loss, side by side."""
+    """The whole train step with ATen's CTC, ours (on a GPU) and the stand-in loss, side by side."""
     from lmu_asr.bench.train import bench_train_config
 
+    losses = [("ATen CTC", "aten", asr.ctc_loss)]
+    if device.type == "cuda":
+        losses.append(("Triton CTC", "triton", asr.ctc_loss))
     rows = []
     for batch, frames in shapes:
-        for name, loss in (("ATen CTC", asr.ctc_loss), ("stand-in (no CTC)", standin_loss)):
+        for name, ctc, loss in (*losses, ("stand-in (no CTC)", "aten", standin_loss)):
             with loss_in_step(loss):
-                r = bench_train_config(cfg, batch, frames, device, steps, windows)
+                r = bench_train_config(with_ctc(cfg, ctc), batch, frames, device, steps, windows)
             rows.append({"batch": batch, "frames": frames, "loss": name, "step_ms": r["step_ms"],
                          "utt_per_s": r["utt_per_s"]})
-        ctc, free = rows[-2]["step_ms"], rows[-1]["step_ms"]
-        rows[-1]["ctc_share"] = (ctc - free) / ctc
+        free = rows[-1]["step_ms"]
+        for row in rows[-len(losses) - 1:-1]:
+            row["ctc_share"] = (row["step_ms"] - free) / row["step_ms"]
     return rows
 
 
@@ -120,12 +136,11 @@ def bench_ctc(out: Path, cfg: Config, device: torch.device, shapes: list[tuple[i
     op = ctc_op_rows(shapes, device)
     steps_ = step_rows(cfg, shapes, device, steps, windows)
     data = {"env": environment(device), "preset": cfg.preset, "op_rows": op, "step_rows": steps_}
-    body = ("ATen's CTC forward + backward alone (random log-probabilities, ~14 characters per second):\n\n"
+    body = ("The CTC op alone, forward + backward (random log-probabilities, ~14 characters per second):\n\n"
             + markdown_table(op, [("batch", "batch"), ("frames", "frames"), ("lengths", "lengths passed as"),
                                   ("syncs", "syncs / call"), ("ms", "ms / call")])
-            + f"\n\nThe whole train step (preset `{cfg.preset}`), with CTC and with a stand-in loss that has no "
-              "alignment and no host read; `CTC share` is the step time the CTC costs, syncs included, i.e. "
-              "the most a sync-free CTC kernel could win:\n\n"
+            + f"\n\nThe whole train step (preset `{cfg.preset}`), with each CTC and with a stand-in loss that has "
+              "no alignment and no host read; `CTC share` is the step time that CTC costs, syncs included:\n\n"
             + markdown_table(steps_, [("batch", "batch"), ("frames", "frames"), ("loss", "loss"),
                                       ("step_ms", "ms/step"), ("utt_per_s", "utt/s"), ("ctc_share", "CTC share")]))
     data["files"] = [str(p) for p in write_report(out, "ctc_cost", "What CTC costs the step", data, body)]
@@ -161,8 +176,10 @@ def bench_sync_bisect(out: Path, cfg: Config, device: torch.device, shape: tuple
     """Where a steady-state step synchronises: the count with one part of the step changed at a time.
 
     The H200 run of 2026-11-26 counted 6 syncs per step, raised from C++ while AOTAutograd's compiled forward ran
-    (innermost Python frame ``torch/autograd/function.py: apply``), with CTC alone at 0; the variants below tell
-    the model's parts apart in one run."""
+    (innermost Python frame ``torch/autograd/function.py: apply``), with CTC alone at 0 -- a count that missed
+    warnings raised under ``torch.ops`` calls (fixed since, see ``bench.gpu._WarningScope``). ATen's CUDA CTC
+    makes 3 blocking host->device copies in its forward and 3 in its backward, which our op runs together in the
+    compiled forward; the variants below tell that apart from the model's parts in one run."""
     import copy
 
     from lmu_asr.bench.gpu import count_syncs
@@ -187,9 +204,17 @@ def bench_sync_bisect(out: Path, cfg: Config, device: torch.device, shape: tuple
     def eager(c: Config) -> None:
         c.train.compile = "off"
 
-    rows = [variant("as configured", lambda c: None), variant("LMU chunk form (no FFT)", lmu_chunk),
+    def aten_ctc(c: Config) -> None:
+        c.train.ctc = "aten"
+
+    def no_dropout(c: Config) -> None:
+        c.model.dropout = c.model.attn_dropout = 0.0
+
+    rows = [variant("as configured", lambda c: None), variant("ATen CTC (train.ctc=aten)", aten_ctc),
+            variant("LMU chunk form (no FFT)", lmu_chunk),
             variant("stand-in loss (no CTC)", lambda c: None, standin_loss),
-            variant("no SpecAugment", no_specaug), variant("eager (not compiled)", eager)]
+            variant("no SpecAugment", no_specaug), variant("no dropout", no_dropout),
+            variant("eager (not compiled)", eager)]
     data = {"env": environment(device), "preset": cfg.preset, "shape": list(shape), "rows": rows}
     body = (f"Preset `{cfg.preset}` at {shape[0]} x {shape[1]}: host-device synchronisations per steady-state "
             "step (`torch.cuda.set_sync_debug_mode`), one part of the step changed at a time:\n\n"

@@ -76,24 +76,46 @@ def count_syncs(runner: Any, batch: dict, steps: int, device: torch.device) -> d
 def record_syncs(fn: Callable[[], Any]) -> tuple[Counter, Counter]:
     """Run ``fn`` under ``torch.cuda.set_sync_debug_mode("warn")``: its synchronisations counted by the Python
     line that raised them and by the Python stack at that moment (innermost first, 8 frames)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        return record_warnings(fn, "synchroniz")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def record_warnings(fn: Callable[[], Any], match: str) -> tuple[Counter, Counter]:
+    """The warnings ``fn`` raises whose text contains ``match`` (any case), C++ ones under ``torch.ops`` calls
+    included (see :class:`_WarningScope`), by Python location and by stack."""
     where: Counter = Counter()
     stacks: Counter = Counter()
 
     def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        if "synchroniz" in str(message).lower():
+        if match.lower() in str(message).lower():
             where[f"{Path(filename).name}:{lineno}"] += 1
             frames = traceback.extract_stack()[:-1]
             stacks[" <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(frames[-8:]))] += 1
 
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = show
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        _WarningScope.apply(fn)
     return where, stacks
+
+
+class _WarningScope(torch.autograd.Function):
+    """Runs a callable inside a C++ frame that hands torch's warnings to Python.
+
+    A warning raised under a ``torch.ops`` call (ATen's CTC inside our custom op, anything an inductor graph
+    calls that way) is passed to the nearest enclosing C++ warning handler, and with none it is printed to stderr
+    and never reaches ``warnings``: the H200 run of 2026-11-26 counted 0 syncs for the CTC op alone that way,
+    while the compiled step, which runs under autograd's ``Function.apply``, counted its 6 (tested on the CPU
+    with a C++ warning). ``apply`` is such a handler; grad mode, which it turns off, is turned back on."""
+
+    @staticmethod
+    def forward(ctx: Any, fn: Callable[[], Any]) -> torch.Tensor:  # noqa: ARG004
+        with torch.enable_grad():
+            fn()
+        return torch.zeros(())
 
 
 def _loader_rates(shards: Any, cfg: Config, workers: int) -> tuple[float, float | None, float]:
@@ -196,7 +218,7 @@ def run_kit(out: Path, device: torch.device, smoke: bool = False,
         r = data["rows"][0]
         return {"utt_per_s": r["utt_per_s"], "it_per_s": r["it_per_s"], "mfu": r["mfu"],
                 "peak_gb": r.get("max_allocated_gb") or r.get("max_rss_gb"), "compile_s": r["compile_s"],
-                "vs_seed_a100": r["utt_per_s"] / 336.0}
+                "vs_seed_a100": r["utt_per_s"] / 336.0, "ctc": r["ctc"]}
 
     def sync() -> dict[str, Any]:
         from lmu_asr.train.step import synthetic_batch
@@ -205,7 +227,8 @@ def run_kit(out: Path, device: torch.device, smoke: bool = False,
         return count_syncs(state["runner"], synthetic_batch(rows, frames, seed=5), k["sync_steps"], device)
 
     def cudagraphs() -> dict[str, Any]:
-        """The seed's A100 row again with train.compile_mode=cudagraphs: the answer to a host-bound step."""
+        """The seed's A100 row again with train.compile_mode=cudagraphs: the answer to a host-bound step (with the
+        Triton CTC the whole step is one CUDA graph; with ATen's, the model alone)."""
         from lmu_asr.bench.train import bench_train_config
         from lmu_asr.train.step import synthetic_batch
 
@@ -218,7 +241,8 @@ def run_kit(out: Path, device: torch.device, smoke: bool = False,
         base = state.get("step_utt")
         return {"utt_per_s": r["utt_per_s"], "it_per_s": r["it_per_s"], "step_ms": r["step_ms"],
                 "peak_gb": r.get("max_allocated_gb") or r.get("max_rss_gb"), "compile_s": r["compile_s"],
-                "vs_default_compile": r["utt_per_s"] / base if base else None,
+                "vs_default_compile": r["utt_per_s"] / base if base else None, "ctc": r["ctc"],
+                "whole_step_graph": r["ctc"] == "triton",
                 "syncs_per_step": syncs["syncs_per_step"], "sync_stacks": syncs.get("stacks")}
 
     def fast() -> dict[str, Any]:

@@ -218,8 +218,28 @@ def _ctc_backward(ctx, grad_losses: Tensor, _grad_grad: Tensor):  # noqa: ANN001
 torch.library.register_autograd("lmu_asr::ctc_loss_and_grad", _ctc_backward, setup_context=_ctc_setup)
 
 
+@torch.library.custom_op("lmu_asr::ctc_loss_and_grad_triton", mutates_args=())
+def _ctc_loss_and_grad_triton(log_probs: Tensor, targets: Tensor, input_lengths: Tensor,
+                              target_lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """The same as ``lmu_asr::ctc_loss_and_grad`` from our Triton kernels, lengths on the device: no host copy,
+    so no synchronisation and nothing that stops a CUDA graph of the whole step (``lmu_asr.model.ctc_triton``)."""
+    from lmu_asr.model.ctc_triton import ctc_loss_and_grad
+
+    nll, grad = ctc_loss_and_grad(log_probs, targets, input_lengths, target_lengths, BLANK)
+    return torch.where(torch.isinf(nll), torch.zeros_like(nll), nll), grad
+
+
+@_ctc_loss_and_grad_triton.register_fake
+def _(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor) -> tuple[Tensor, Tensor]:
+    return log_probs.new_empty(log_probs.shape[1]), log_probs.new_empty(log_probs.shape)
+
+
+torch.library.register_autograd("lmu_asr::ctc_loss_and_grad_triton", _ctc_backward, setup_context=_ctc_setup)
+
+
 def ctc_loss(logits: Tensor, out_lengths: Tensor, targets: Tensor, target_lengths: Tensor,
-             host_out_lengths: Tensor | None = None, host_target_lengths: Tensor | None = None) -> Tensor:
+             host_out_lengths: Tensor | None = None, host_target_lengths: Tensor | None = None,
+             impl: str = "aten") -> Tensor:
     """Mean over utterances of CTC loss / target length, in float32; rows with target length 0 are ignored.
 
     ``targets`` holds each utterance's labels with its true length in ``target_lengths``: either concatenated
@@ -229,12 +249,18 @@ def ctc_loss(logits: Tensor, out_lengths: Tensor, targets: Tensor, target_length
     ``host_out_lengths`` / ``host_target_lengths``: the same lengths as CPU tensors. ATen's CTC kernels take
     their lengths on the host; given device tensors they copy them to the host first, which waits for the device
     (4 blocking copies per step). The train step passes the host copies the loader already has.
+
+    ``impl="triton"`` (training with a (B, S) target matrix): our Triton kernels, which take the device lengths
+    and ignore the host copies. ATen's CUDA kernels still copy their int-list lengths to the device, blocking, 3
+    times in the forward and 3 in the backward; see :func:`lmu_asr.model.ctc_triton.ctc_loss_and_grad`.
     """
     in_lengths = out_lengths if host_out_lengths is None else host_out_lengths
     tl = target_lengths if host_target_lengths is None else host_target_lengths
     with torch.autocast(device_type=logits.device.type, enabled=False):
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, V)
-        if torch.is_grad_enabled() and log_probs.requires_grad:
+        if impl == "triton" and torch.is_grad_enabled() and log_probs.requires_grad and targets.dim() == 2:
+            losses = _ctc_loss_and_grad_triton(log_probs, targets, out_lengths, target_lengths)[0]
+        elif torch.is_grad_enabled() and log_probs.requires_grad:
             losses = _ctc_loss_and_grad(log_probs, targets, in_lengths, tl)[0]
         else:
             lens = (_host_lengths_arg(in_lengths, log_probs.device), _host_lengths_arg(tl, log_probs.device))

@@ -45,9 +45,9 @@ class CTCTrainStep(nn.Module):
     puts the model compiled with CUDA graphs there and leaves the CTC (host lengths, ATen's own copies) eager.
     """
 
-    def __init__(self, model: LMUASR, encode: Any = None) -> None:
+    def __init__(self, model: LMUASR, encode: Any = None, ctc: str = "aten") -> None:
         super().__init__()
-        self.model = model
+        self.model, self.ctc = model, ctc
         # not a submodule: the compiled wrapper shares the model's parameters, which must be registered once
         self.__dict__["encode"] = encode
 
@@ -55,7 +55,54 @@ class CTCTrainStep(nn.Module):
                 target_lengths: torch.Tensor, host_out_lengths: torch.Tensor | None = None,
                 host_target_lengths: torch.Tensor | None = None) -> torch.Tensor:
         logits, out_lengths = (self.encode if self.encode is not None else self.model)(feats, lengths)
-        return ctc_loss(logits, out_lengths, targets, target_lengths, host_out_lengths, host_target_lengths)
+        return ctc_loss(logits, out_lengths, targets, target_lengths, host_out_lengths, host_target_lengths,
+                        impl=self.ctc)
+
+
+def triton_ctc_usable(device: torch.device) -> str | None:
+    """None when our Triton CTC runs on ``device`` and matches ATen's on a small batch; else the reason why not.
+
+    On a CPU it runs only under Triton's interpreter (``TRITON_INTERPRET=1``, how CI tests it). The check costs
+    the kernels' compilation (seconds, once per process) and guards a default against a Triton build that
+    miscompiles them."""
+    import os
+
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton kernels need a GPU (or TRITON_INTERPRET=1)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    from lmu_asr.model.asr import _ctc_loss_and_grad, _ctc_loss_and_grad_triton
+
+    g = torch.Generator().manual_seed(0)
+    log_probs = torch.randn(40, 6, 29, generator=g).log_softmax(-1).to(device)
+    targets = torch.randint(1, 29, (6, 12), generator=g)
+    targets[0, :4] = 7  # repeats need a blank between them
+    in_len, tl = torch.tensor([40, 33, 20, 5, 40, 1]), torch.tensor([12, 9, 12, 4, 0, 3])
+    try:
+        want = _ctc_loss_and_grad(log_probs, targets.to(device), in_len, tl)
+        got = _ctc_loss_and_grad_triton(log_probs, targets.to(device), in_len.to(device), tl.to(device))
+    except Exception as err:  # a Triton or driver build that cannot compile or launch the kernels
+        return f"{type(err).__name__}: {str(err)[:200]}"
+    for name, a, b in (("loss", got[0], want[0]), ("gradient", got[1], want[1])):
+        err = float((a.cpu() - b.cpu()).abs().max())
+        if not err <= 1e-3:
+            return f"its {name} differs from ATen's by {err:.3g}"
+    return None
+
+
+def resolve_ctc(choice: str, device: torch.device) -> str:
+    """``train.ctc`` -> the implementation the step runs: "aten" or "triton" (see :func:`triton_ctc_usable`)."""
+    if choice == "aten" or (choice == "auto" and device.type != "cuda"):
+        return "aten"
+    why = triton_ctc_usable(device)
+    if why is None:
+        return "triton"
+    if choice == "triton":
+        raise ValueError(f"train.ctc=triton: {why}")
+    log.warning("CTC: ATen's kernels (6 blocking copies a step), not ours: %s", why)
+    return "aten"
 
 
 def lr_factor(cfg: OptimConfig, total_steps: int):  # noqa: ANN201 (returns a lambda for LambdaLR)
@@ -124,12 +171,16 @@ class StepRunner:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg.optim, total_steps))
         self.compiled = compile_enabled(cfg, device.type)
         dynamic = cfg.train.compile_shapes == "dynamic"
+        self.ctc = resolve_ctc(cfg.train.ctc, device)
         # CUDA graphs replay a whole step's kernels with one launch: what a host-bound step (small batches on a
-        # fast GPU) needs. They cannot hold the CTC (host lengths, ATen's host->device copies), so that mode
-        # compiles the model alone and runs the loss eagerly after it.
+        # fast GPU) needs. With our Triton CTC (device lengths, no host copy) the graph holds forward + CTC +
+        # backward; ATen's CTC cannot be captured (host lengths, blocking copies), so with it this mode compiles
+        # the model alone and runs the loss eagerly after it.
         self.cudagraphs = self.compiled and cfg.train.compile_mode == "cudagraphs"
-        encode = torch.compile(model, mode="reduce-overhead", dynamic=dynamic) if self.cudagraphs else None
-        module: nn.Module = CTCTrainStep(model, encode)
+        whole_graph = self.cudagraphs and self.ctc == "triton"
+        encode = (torch.compile(model, mode="reduce-overhead", dynamic=dynamic)
+                  if self.cudagraphs and not whole_graph else None)
+        module: nn.Module = CTCTrainStep(model, encode, self.ctc)
         if info.distributed:
             module = nn.parallel.DistributedDataParallel(
                 module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -139,7 +190,10 @@ class StepRunner:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
             torch._dynamo.config.accumulated_cache_size_limit = max(
                 torch._dynamo.config.accumulated_cache_size_limit, 1024)
-        self.fn = torch.compile(module, dynamic=dynamic) if self.compiled and not self.cudagraphs else module
+        if whole_graph:
+            self.fn = torch.compile(module, mode="reduce-overhead", dynamic=dynamic)
+        else:
+            self.fn = torch.compile(module, dynamic=dynamic) if self.compiled and not self.cudagraphs else module
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -157,7 +211,8 @@ class StepRunner:
     def _loss(self, batch: dict, scale: float) -> torch.Tensor:
         if self.cudagraphs:  # a new forward: what the graphs returned last time (used up by now) may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
-        host_out, host_tl = host_lengths(batch, self.cfg.model.downsample)
+        # the Triton CTC reads the device lengths: no CPU tensor enters the graph (a CUDA graph could not take it)
+        host_out, host_tl = host_lengths(batch, self.cfg.model.downsample) if self.ctc == "aten" else (None, None)
         b = to_device(batch, self.device)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             loss = self.fn(b["feats"], b["lengths"], b["targets"], b["target_lengths"], host_out, host_tl)
