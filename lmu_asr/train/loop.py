@@ -118,6 +118,7 @@ class Trainer:
                   f"dev: {self.dev.directory} ({len(self.dev)} utterances)" if self.dev else "dev: none",
                   "", "# model", f"parameters: {m.num_parameters():,}",
                   self._compile_line(),
+                  f"CTC: {self._ctc_choice()} (train.ctc={self.cfg.train.ctc}; README: The CTC)",
                   f"training FLOPs per utterance of 4 s (400 frames): {flops / 1e9:.2f} GFLOP",
                   f"device: {self.device}, world size {self.info.world_size} ({self.info.launcher})"]
         return "\n".join(lines)
@@ -126,6 +127,14 @@ class Trainer:
         """The batch shapes of this run: one per bucket that holds an eligible utterance (see planned_shapes)."""
         mask, _ = eligible(self.shards, self.cfg.data, self.cfg.model.downsample)
         return planned_shapes(self.cfg.data, self.cfg.model.downsample, self.shards.num_frames[mask])
+
+    def _ctc_choice(self) -> str:
+        """What the step runs; before the runner exists (--dry-run), resolved the same way (on CUDA that runs
+        the Triton self-check, so a dry run already says whether our kernels work on this GPU)."""
+        from lmu_asr.train.step import resolve_ctc
+
+        runner = getattr(self, "runner", None)
+        return runner.ctc if runner is not None else resolve_ctc(self.cfg.train.ctc, self.device)
 
     def _compile_line(self) -> str:
         from lmu_asr.config import compile_enabled

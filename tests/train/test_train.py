@@ -151,6 +151,7 @@ def test_dry_run_and_debug(train_shards: Path, tmp_path: Path) -> None:
                            "--dry-run")
     assert code == 0 and "# resolved config" in output and "parameters:" in output
     assert "utterances" in output and not (tmp_path / "dry" / "log.jsonl").exists()
+    assert "CTC: aten (train.ctc=auto" in output  # auto is ATen's on a CPU
     output = train(train_shards, tmp_path / "debug", "--debug")
     assert len(losses(tmp_path / "debug")) == 3
 
