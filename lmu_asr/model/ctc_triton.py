@@ -21,14 +21,21 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
-NEG_INF = float("-inf")
+try:  # a CUDA torch brings triton; the base (CPU) install has none, and every module must still import there
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None  # type: ignore[assignment]
 
 
-@triton.jit
+def _jit(fn):  # noqa: ANN001, ANN202
+    """``triton.jit`` where triton is installed; the plain function otherwise (never launched then)."""
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_jit
 def _lse3(a, b, c):
     """log(e^a + e^b + e^c), -inf when all three are -inf."""
     m = tl.maximum(tl.maximum(a, b), c)
@@ -38,7 +45,7 @@ def _lse3(a, b, c):
                                                                       + tl.exp(c - safe) + none))
 
 
-@triton.jit
+@_jit
 def _labels(targets_ptr, tgt_stride, b, s, L, BLANK: tl.constexpr):
     """Extended label l'_s (blank at even s) and whether the s-2 -> s skip is allowed."""
     odd = (s % 2) == 1
@@ -49,7 +56,7 @@ def _labels(targets_ptr, tgt_stride, b, s, L, BLANK: tl.constexpr):
     return lab, skip
 
 
-@triton.jit
+@_jit
 def _utterance(in_len_ptr, tgt_len_ptr, b, s, T_max):
     """This program's utterance: (frames, labels, extended labels S = 2L+1, lanes s < S)."""
     Tb = tl.minimum(tl.load(in_len_ptr + b), T_max)
@@ -58,7 +65,7 @@ def _utterance(in_len_ptr, tgt_len_ptr, b, s, T_max):
     return Tb, L, S, s < S
 
 
-@triton.jit
+@_jit
 def _alpha_step(src, emit, s, skip, valid):
     """alpha_t from row alpha_{t-1} at ``src`` (read back from memory: the s-1 and s-2 neighbours are other
     threads' values, so every caller puts a barrier between that row's store and this)."""
@@ -68,7 +75,7 @@ def _alpha_step(src, emit, s, skip, valid):
     return tl.where(valid, _lse3(a0, a1, a2) + emit, float("-inf"))
 
 
-@triton.jit
+@_jit
 def _ctc_alpha_kernel(lp_ptr, lp_st, lp_sb, targets_ptr, tgt_stride, in_len_ptr, tgt_len_ptr, ring_ptr, ckpt_ptr,
                       nll_ptr, T_max, K, BLANK: tl.constexpr, BLOCK: tl.constexpr):
     """Alpha over the utterance's frames in a two-row ring; every K-th row kept (``ckpt``) for the backward."""
@@ -102,7 +109,7 @@ def _ctc_alpha_kernel(lp_ptr, lp_st, lp_sb, targets_ptr, tgt_stride, in_len_ptr,
     tl.store(nll_ptr + b, -tl.where(m == float("-inf"), float("-inf"), total))
 
 
-@triton.jit
+@_jit
 def _ctc_beta_grad_kernel(lp_ptr, lp_st, lp_sb, targets_ptr, tgt_stride, in_len_ptr, tgt_len_ptr, ckpt_ptr,
                           seg_ptr, ring_ptr, nll_ptr, grad_ptr, g_st, g_sb, T_max, K, BLANK: tl.constexpr,
                           BLOCK: tl.constexpr):
@@ -150,7 +157,8 @@ def _ctc_beta_grad_kernel(lp_ptr, lp_st, lp_sb, targets_ptr, tgt_stride, in_len_
 
 
 def _block(max_target: int) -> int:
-    return max(16, triton.next_power_of_2(2 * max_target + 1))
+    """Lanes of a program: the extended label sequence (2 S + 1 at most) rounded up to a power of two."""
+    return max(16, 1 << (2 * max_target).bit_length())
 
 
 def ctc_loss_and_grad(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
@@ -164,6 +172,8 @@ def ctc_loss_and_grad(log_probs: Tensor, targets: Tensor, input_lengths: Tensor,
     by the backward: ~2 sqrt(T) rows of workspace per utterance instead of ATen's T (a 30 s utterance's labels
     span thousands of lanes), for one more alpha pass.
     """
+    if triton is None:
+        raise RuntimeError("train.ctc=triton needs the triton package (a CUDA build of torch installs it)")
     T, B, V = log_probs.shape
     if log_probs.dtype != torch.float32 or log_probs.stride(2) != 1:
         log_probs = log_probs.float().contiguous()
