@@ -3,8 +3,10 @@
 Forward + CTC loss is one compiled graph (``CTCTrainStep``, wrapped in DDP when distributed). Nothing in a
 steady-state step waits for the device:
 
-* the CTC lengths are the loader's host copies (ATen's CTC reads its lengths on the host; given device tensors it
-  would copy them back, blocking, four times a step);
+* the CTC (``train.ctc``): ours, two Triton kernels that read the lengths on the device, on CUDA by default; ATen's
+  takes the loader's host copies of the lengths, but its CUDA kernels copy them to the device, blocking, 3 times
+  in the forward and 3 in the backward (the H200's 6 syncs a step), and given device tensors it would copy them
+  back to the host instead;
 * a non-finite loss or gradient is skipped on the device (fused AdamW's ``found_inf``, or the GradScaler);
 * loss, gradient norm and the bad-step flag go into a pinned host buffer by a non-blocking copy, with a CUDA
   event behind it; :class:`MetricReader` hands a step's values over only once its event has completed, so the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -42,7 +45,8 @@ class CTCTrainStep(nn.Module):
     """Forward + CTC loss as one module: what DDP wraps and torch.compile turns into one graph.
 
     ``encode``: what computes (logits, output lengths) instead of ``model`` itself; ``compile_mode=cudagraphs``
-    puts the model compiled with CUDA graphs there and leaves the CTC (host lengths, ATen's own copies) eager.
+    with ATen's CTC puts the model compiled with CUDA graphs there and leaves the CTC (host lengths, ATen's own
+    copies) eager. ``ctc``: "aten" or "triton" (:func:`resolve_ctc`).
     """
 
     def __init__(self, model: LMUASR, encode: Any = None, ctc: str = "aten") -> None:
@@ -60,14 +64,21 @@ class CTCTrainStep(nn.Module):
 
 
 def triton_ctc_usable(device: torch.device) -> str | None:
+    """See :func:`_triton_ctc_check`; checked once per device (and interpreter setting) in a process."""
+    import os
+
+    return _triton_ctc_check(str(device), os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@functools.cache
+def _triton_ctc_check(device_name: str, interpreted: bool) -> str | None:
     """None when our Triton CTC runs on ``device`` and matches ATen's on a small batch; else the reason why not.
 
     On a CPU it runs only under Triton's interpreter (``TRITON_INTERPRET=1``, how CI tests it). The check costs
     the kernels' compilation (seconds, once per process) and guards a default against a Triton build that
     miscompiles them."""
-    import os
-
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    device = torch.device(device_name)
+    if device.type == "cpu" and not interpreted:
         return "Triton kernels need a GPU (or TRITON_INTERPRET=1)"
     try:
         import triton  # noqa: F401
