@@ -130,3 +130,15 @@ def test_ctc_choice_auto_is_aten_on_cpu_and_triton_says_why_it_cannot(monkeypatc
     with pytest.raises(ValueError, match="train.ctc must be auto, aten or triton"):
         load_config("cpu-tiny", None, {"train.ctc": "cudnn"})
     assert os.environ.get("TRITON_INTERPRET") is None
+
+
+def test_triton_ctc_in_a_step_compiled_with_a_dynamic_time_axis() -> None:
+    """compile_shapes=dynamic: one graph over several bucket lengths; the op's shapes follow the symbolic ones."""
+    from lmu_asr.train.step import synthetic_batch
+
+    batches = [synthetic_batch(4, frames, seed=i) for i, frames in enumerate((128, 256, 192))]
+    losses = {}
+    for ctc in ("aten", "triton"):  # both compiled: inductor's random streams differ from eager ones
+        runner = runner_for(train__compile="on", train__ctc=ctc, train__compile_shapes="dynamic")
+        losses[ctc] = [float(runner([b], seed=i)["loss"]) for i, b in enumerate(batches)]
+    assert losses["triton"] == pytest.approx(losses["aten"], rel=1e-4)
