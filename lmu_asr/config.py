@@ -104,8 +104,8 @@ class TrainConfig:
     cpu_autocast: bool = False  # bf16/fp16 autocast on CPU too (CI tests the mixed-precision paths this way)
     compile: str = "auto"  # auto: on for CUDA, off on CPU (measured slower there than eager MKL); on | off
     compile_shapes: str = "static"  # static: one graph per planned (rows, bucket), all compiled at start | dynamic
-    # default: forward + CTC as one inductor graph | cudagraphs: the model compiled with CUDA graphs
-    # (mode="reduce-overhead"), CTC eager outside it (its host lengths cannot be captured); see train/step.py
+    # default: forward + CTC as one inductor graph | cudagraphs: mode="reduce-overhead", the whole step with the
+    # Triton CTC, the model alone with ATen's (its host lengths cannot be captured, it runs eagerly after)
     compile_mode: str = "default"
     # CTC of the train step: aten (host lengths; ATen's CUDA kernels copy them to the device, blocking, 6 times a
     # step) | triton (our kernels, device lengths, no sync; with cudagraphs the whole step is one CUDA graph) |

@@ -149,8 +149,6 @@ def bench_ctc(out: Path, cfg: Config, device: torch.device, shapes: list[tuple[i
 
 def bench_checkpointing(out: Path, cfg: Config, device: torch.device, shape: tuple[int, int], steps: int = 10,
                         windows: int = 2) -> dict[str, Any]:
-    import copy
-
     from lmu_asr.bench.train import activation_estimate, bench_train_config
 
     rows = []
@@ -180,8 +178,6 @@ def bench_sync_bisect(out: Path, cfg: Config, device: torch.device, shape: tuple
     warnings raised under ``torch.ops`` calls (fixed since, see ``bench.gpu._WarningScope``). ATen's CUDA CTC
     makes 3 blocking host->device copies in its forward and 3 in its backward, which our op runs together in the
     compiled forward; the variants below tell that apart from the model's parts in one run."""
-    import copy
-
     from lmu_asr.bench.gpu import count_syncs
     from lmu_asr.bench.train import bench_train_config
 

@@ -203,8 +203,10 @@ class StepRunner:
                 torch._dynamo.config.accumulated_cache_size_limit, 1024)
         if whole_graph:
             self.fn = torch.compile(module, mode="reduce-overhead", dynamic=dynamic)
-        else:
-            self.fn = torch.compile(module, dynamic=dynamic) if self.compiled and not self.cudagraphs else module
+        elif self.compiled and not self.cudagraphs:
+            self.fn = torch.compile(module, dynamic=dynamic)
+        else:  # eager, or the model alone under CUDA graphs (``encode``) with ATen's CTC after it
+            self.fn = module
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
