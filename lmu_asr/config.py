@@ -36,6 +36,9 @@ class ModelConfig:
     attention: str = "full"  # full | causal | window (window: attn_left frames of past, none of future)
     attn_left: int = 64
     input_bins: int = 0  # >0: use only the lowest N mel bins (narrowband audio: ~60 of 80 bins hold 0-4 kHz)
+    # >0: keep only each frame's spectral envelope, its lowest N cosine (cepstral) components, as truncated MFCCs
+    # do: the voice's pitch harmonics go, the formants stay (see model/asr.py lifter_matrix)
+    lifter: int = 0
     # also normalise by each utterance's own statistics (channel/speaker normalisation): none | mean | meanvar |
     # causal (the running mean of the frames so far: the same offline and streaming; the default, measured best of
     # the streaming-safe options on unheard FSDD speakers: see README)
@@ -60,6 +63,9 @@ class SpecAugmentConfig:
     time_width: float = 0.05  # fraction of each utterance's length
     time_width_max: int = 40
     freq_warp: float = 0.0  # vocal-tract-like warp: mel axis scaled by U[1-w, 1+w] per utterance (0: off)
+    # recording-floor augmentation: each utterance's log-mel energies are raised to a floor drawn U[lo, hi] dB below
+    # its own peak (as if recorded with that much noise or range); (0, 0): off. See data/specaug.py.
+    floor_db: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -295,6 +301,7 @@ _RANGES: list[tuple[str, float, float, str]] = [
     ("model.ffn_dim", 0, math.inf, ">= 0"), ("model.downsample", 1, 8, "in [1, 8]"),
     ("model.dropout", 0, 0.999, "in [0, 1)"), ("model.attn_dropout", 0, 0.999, "in [0, 1)"),
     ("model.attn_left", 0, math.inf, ">= 0"), ("model.input_bins", 0, 80, "in [0, 80]"),
+    ("model.lifter", 0, 80, "in [0, 80]"),
     ("model.n_mels", 80, 80, "80 (the shards' fbank)"), ("model.vocab_size", 29, 29, "29 (the vocabulary)"),
     ("data.batch_size", 0, math.inf, ">= 0 (0: frame-budget batches)"), ("data.batch_frames", 1, math.inf, ">= 1"),
     ("data.max_frames", 1, math.inf, ">= 1"), ("data.min_frames", 0, math.inf, ">= 0"),
@@ -359,6 +366,9 @@ def validate(cfg: Config) -> None:
     if t.compile_mode == "cudagraphs" and cfg.optim.grad_accum > 1:
         # a replay rewrites the graph's gradient outputs, which accumulation would still be adding into
         raise ValueError("train.compile_mode=cudagraphs needs optim.grad_accum=1")
+    floor = d.specaug.floor_db
+    if len(floor) != 2 or not 0 <= floor[0] <= floor[1] or floor[1] != floor[1]:
+        raise ValueError(f"data.specaug.floor_db={list(floor)} must be two dB depths 0 <= lo <= hi (0,0: off)")
     if d.partial_batches not in ("full", "pow2"):
         raise ValueError(f"data.partial_batches must be full or pow2, not {d.partial_batches!r}")
     if t.loader not in ("wds", "dali"):

@@ -81,9 +81,7 @@ class StreamingGraph(nn.Module):
             first = (window_mean - self.model.feat_mean) / self.model.feat_std  # the client's raw mean, normalised
             means = torch.where((t < self.cfg.utterance_norm_window)[..., None], first[:, None, :],
                                 csum / (t + 1)[..., None])
-            x = (x - means) * live
-            if self.cfg.input_bins:
-                x = x * (torch.arange(x.shape[2], device=x.device) < self.cfg.input_bins).to(x.dtype)
+            x = self.model.spectral(x - means) * live
             norm = (csum[:, -1], seen + valid.to(x.dtype))
         else:
             x = self.model.normalize(feats, valid)

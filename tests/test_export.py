@@ -138,14 +138,15 @@ def test_example_features_match_prep(tmp_path: Path) -> None:
 
 
 def test_causal_normalisation_streams_in_onnx(tmp_path: Path) -> None:
-    """A model with causal utterance normalisation exports streaming.onnx (the first window's mean is the
-    client's); the self-check compares it chunk by chunk with PyTorch, and the example runs it."""
+    """A model with causal utterance normalisation (and a lifter) exports streaming.onnx (the first window's mean
+    is the client's); the self-check compares it chunk by chunk with PyTorch, and the example runs it."""
     from lmu_asr.config import load_config
     from lmu_asr.model.asr import LMUASR
     from lmu_asr.train.checkpoint import atomic_save, checkpoint_payload
 
     cfg = load_config("cpu-tiny", None, {"model.attention": "causal", "model.utterance_norm": "causal",
-                                         "model.utterance_norm_window": 30})
+                                         "model.utterance_norm_window": 30,
+                                         "model.lifter": 20})  # the lifter's projection is in the graph too
     torch.manual_seed(0)
     model = LMUASR(cfg.model)
     atomic_save(checkpoint_payload(model, cfg), tmp_path / "ck.pt")

@@ -33,6 +33,8 @@ class LMUASR(nn.Module):
         # Per-feature statistics from prep (meta.json); stored in the checkpoint so inference needs nothing else.
         self.register_buffer("feat_mean", torch.zeros(cfg.n_mels))
         self.register_buffer("feat_std", torch.ones(cfg.n_mels))
+        # the spectral-envelope projection (model.lifter): a function of the config, so not stored in checkpoints
+        self.register_buffer("envelope", lifter_matrix(cfg), persistent=False)
         self.encoder = Encoder(cfg, max_frames)  # max_frames: the longest input trained on (sizes caches)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
         init_output_bias(self.head, cfg.blank_bias)
@@ -58,11 +60,20 @@ class LMUASR(nn.Module):
             if self.cfg.utterance_norm == "meanvar":
                 # floor: a bin that is near-constant in this utterance is not blown up to unit variance
                 x = x * torch.rsqrt(((x * x * valid).sum(1, keepdim=True) / n).clamp(min=0.1))
+        return self.spectral(x) * valid
+
+    def spectral(self, x: Tensor) -> Tensor:
+        """Per-frame frequency shaping of normalised features: ``input_bins`` and ``lifter`` (both per frame, so
+        streaming and offline stay equal).
+
+        Bins above the recording's bandwidth hold only codec and resampler noise, which is specific to a channel,
+        not to speech; ``input_bins`` zeroes them. ``lifter`` keeps only the spectral envelope (see
+        :func:`lifter_matrix`)."""
+        if self.envelope.numel():
+            return x @ self.envelope
         if self.cfg.input_bins:
-            # bins above the recording's bandwidth hold only codec and resampler noise, which is specific to a
-            # channel, not to speech; zeroing them keeps the model from learning it
             x = x * (torch.arange(x.shape[2], device=x.device) < self.cfg.input_bins).to(x.dtype)
-        return x * valid
+        return x
 
     def causal_means(self, x: Tensor, lengths: Tensor, total: Tensor | None = None, seen: int = 0
                      ) -> tuple[Tensor, Tensor]:
@@ -87,6 +98,8 @@ class LMUASR(nn.Module):
         return means, csum[torch.arange(x.shape[0]), (lengths - 1).clamp(min=0)]
 
     def forward(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and self.augment is not None and hasattr(self.augment, "raw"):
+            feats = self.augment.raw(feats, lengths)
         x = self.normalize(feats, lengths)
         if self.training and self.augment is not None:
             x = self.augment(x, lengths)
@@ -120,13 +133,30 @@ class LMUASR(nn.Module):
         lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
         means, state.norm_total = self.causal_means(x, lengths, total, seen)
         state.norm_seen = seen + x.shape[1]
-        x = x - means
-        if self.cfg.input_bins:
-            x = x * (torch.arange(x.shape[2], device=x.device) < self.cfg.input_bins).to(x.dtype)
-        return x
+        return self.spectral(x - means)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def lifter_matrix(cfg: ModelConfig) -> Tensor:
+    """(n_mels, n_mels) projection onto the lowest ``cfg.lifter`` cosine components (DCT-II) of each frame's
+    log-mel spectrum, over its first ``input_bins`` bins (all if 0; the rest become 0); empty when lifter is 0.
+
+    Why: the fine structure of a log-mel frame (the harmonics of the voice's pitch, resolved by the narrow low
+    mel filters) says who speaks; the envelope (formants) says what is said. With few training voices a model
+    learns the voices' harmonics; projecting onto the envelope, as MFCCs truncated to 13-20 coefficients do, takes
+    that away from it. The projection is symmetric and idempotent, and keeps the 80-bin input shape."""
+    if not cfg.lifter:
+        return torch.zeros(0, 0)
+    bins = cfg.input_bins or cfg.n_mels
+    n = torch.arange(bins, dtype=torch.float64)
+    k = torch.arange(min(cfg.lifter, bins), dtype=torch.float64)
+    dct = torch.cos(math.pi / bins * (n[None, :] + 0.5) * k[:, None]) * math.sqrt(2.0 / bins)
+    dct[0] /= math.sqrt(2.0)  # orthonormal rows
+    out = torch.zeros(cfg.n_mels, cfg.n_mels, dtype=torch.float64)
+    out[:bins, :bins] = dct.T @ dct
+    return out.float()
 
 
 def init_output_bias(head: nn.Linear, blank_bias: float) -> None:

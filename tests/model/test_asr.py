@@ -88,6 +88,45 @@ def test_causal_utterance_norm_is_the_mean_of_the_past_and_streams(window: int) 
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("input_bins", [0, 60])
+def test_lifter_keeps_the_spectral_envelope_and_streams(input_bins: int) -> None:
+    """model.lifter projects each normalised frame onto its lowest DCT-II components (scipy's orthonormal DCT is
+    the reference): a time-varying ripple of higher order (a voice's pitch harmonics) changes no logit, a change
+    of the envelope does, and streaming still equals offline."""
+    from scipy.fft import dct
+
+    from lmu_asr.model.asr import lifter_matrix
+
+    torch.manual_seed(3)
+    cfg = ModelConfig(**{**TINY.__dict__, "lifter": 12, "input_bins": input_bins, "attention": "causal",
+                         "utterance_norm_window": 8})
+    bins = input_bins or 80
+    basis = torch.tensor(dct(np.eye(bins), norm="ortho", axis=0), dtype=torch.float32)  # rows: cosines
+    expected = torch.zeros(80, 80)
+    expected[:bins, :bins] = basis[:12].T @ basis[:12]
+    projection = lifter_matrix(cfg)
+    torch.testing.assert_close(projection, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(projection @ projection, projection, rtol=0, atol=1e-5)
+    assert lifter_matrix(TINY).numel() == 0  # off by default: no projection at all
+
+    model = LMUASR(cfg).eval()
+    model.set_normalization(torch.randn(80), torch.rand(80) + 0.5)
+    feats = torch.randn(41, 80) * 2
+    logits, _ = model(feats[None], torch.tensor([41]))
+    ripple = torch.randn(41, 1) * (basis[30] + 0.5 * basis[45 % bins])  # orders >= 12, varying over time
+    rippled = feats.clone()
+    rippled[:, :bins] += ripple * model.feat_std[:bins]
+    rippled[:, bins:] += torch.randn(41, 80 - bins) * 50  # out of band, if any: ignored
+    torch.testing.assert_close(model(rippled[None], torch.tensor([41]))[0], logits, rtol=1e-4, atol=1e-4)
+    moved = feats.clone()
+    moved[:, :bins] += torch.randn(41, 1) * basis[3] * model.feat_std[:bins]  # a formant-like change
+    assert (model(moved[None], torch.tensor([41]))[0] - logits).abs().max() > 1e-2
+    state, pieces = model.encoder.stream_init(), []
+    for start in range(0, 41, 7):
+        pieces.append(model.stream(feats[None, start:start + 7], state, final=start + 7 >= 41))
+    torch.testing.assert_close(torch.cat(pieces, 1), logits, rtol=1e-4, atol=1e-4)
+
+
 def reference_ctc(logits: torch.Tensor, out_lens: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
     """Each utterance on its own, unpadded, through F.ctc_loss; then the mean of loss/target_length."""
     losses = []
