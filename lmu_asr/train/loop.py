@@ -423,9 +423,8 @@ class Trainer:
             if improved:
                 ckpt.save_best(payload, ckpt_dir, epoch)
             keep = self.cfg.train.keep_epoch_checkpoints
-            if keep:
-                olds = sorted(ckpt_dir.glob("checkpoint_epoch_*[0-9].pt"), key=lambda p: p.stat().st_mtime)
-                for old in olds[:-keep]:
+            if keep:  # by epoch number, not file time (a copied or touched run folder keeps its order)
+                for old in ckpt.epoch_checkpoints(self.run_dir)[:-keep]:
                     old.unlink()
             ckpt.atomic_save(payload, ckpt_dir / "last.pt")
 

@@ -53,6 +53,20 @@ def test_compiled_training_matches_eager(train_shards: Path, tmp_path: Path) -> 
     assert compiled == pytest.approx(eager, rel=1e-3)
 
 
+def test_only_the_newest_epoch_checkpoints_are_kept_across_a_resume(train_shards: Path, tmp_path: Path) -> None:
+    """train.keep_epoch_checkpoints=2 keeps the two latest epochs by number (a touched older file is still the
+    older one), next to last.pt, and a resumed run goes on pruning."""
+    run = tmp_path / "run"
+    keep = ["--set", "train.keep_epoch_checkpoints=2", "--batch-frames", "12000"]
+    train(train_shards, run, "--epochs", "3", *keep)
+    names = lambda: sorted(p.name for p in (run / "checkpoints").iterdir())  # noqa: E731
+    assert names() == ["checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt", "last.pt"]
+    time.sleep(0.05)
+    (run / "checkpoints" / "checkpoint_epoch_1.pt").touch()  # newer file time, older epoch
+    train(train_shards, run, "--epochs", "4", "--resume", *keep)
+    assert names() == ["checkpoint_epoch_2.pt", "checkpoint_epoch_3.pt", "last.pt"]
+
+
 def test_kill_9_mid_epoch_then_resume(train_shards: Path, tmp_path: Path) -> None:
     steps = 24
     train(train_shards, tmp_path / "reference", "--max-steps", str(steps))
