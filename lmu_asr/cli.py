@@ -276,7 +276,8 @@ def plot(run: Path, out: Path | None) -> None:
 @click.option("--quick", is_flag=True, help="A small, fast version (about 45 s on 2 CPU cores).")
 @click.option("--jobs", default=2, show_default=True, type=POS)
 @click.option("--beam", default=8, show_default=True, type=NONNEG)
-@click.option("--seed", default=0, show_default=True, type=NONNEG)
+@click.option("--seed", default=0, show_default=True, type=NONNEG,
+              help="Seeds the corpus (voices, grouping into recordings) and training (train.seed = 1234 + N).")
 @click.option("--lm/--no-lm", "use_lm", default=True, show_default=True,
               help="Build a word LM from the training transcripts, tune it on DEV, report TEST with and without it.")
 @click.option("--progress/--no-progress", default=True)

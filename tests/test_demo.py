@@ -96,6 +96,20 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     assert code == 2 and "other options" in output
 
 
+def test_demo_seed_seeds_training_too_and_set_wins(tmp_path: Path) -> None:
+    """--seed 0 trains the preset's seed (the README's runs); --seed N moves the training seed with it; --set still
+    wins over everything the demo chooses."""
+    from lmu_asr.config import TrainConfig, load_config
+    from lmu_asr.demo import train_overrides
+
+    seeds = {n: load_config("cpu-small", None, train_overrides(DemoOptions(out=tmp_path, seed=n))).train.seed
+             for n in (0, 1, 5)}
+    assert seeds == {0: TrainConfig().seed, 1: TrainConfig().seed + 1, 5: TrainConfig().seed + 5}
+    given = DemoOptions(out=tmp_path, seed=3, overrides={"train.seed": 7, "train.keep_epoch_checkpoints": 0})
+    cfg = load_config("cpu-small", None, train_overrides(given))
+    assert (cfg.train.seed, cfg.train.keep_epoch_checkpoints, cfg.train.epochs) == (7, 0, BUILTIN_EPOCHS)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--speech-dir", str(FSDD), "--test-speakers", "nobody"], "no speaker nobody"),
     (["--speech-dir", str(FSDD), "--test-pattern", "(["], "not a valid regular expression"),
