@@ -8,6 +8,8 @@ stay inside it; padding is never "augmented" into signal.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -58,7 +60,7 @@ class SpecAugment(nn.Module):
         valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None])[..., None]
         peak = torch.where(valid, x, torch.full_like(x, -1e4)).amax(dim=(1, 2))
         depth = lo + torch.rand(x.shape[0], device=x.device) * (hi - lo)
-        level = peak - depth * (2.302585092994046 / 10)  # dB -> natural-log energy units (lhotse's fbank)
+        level = peak - depth * (math.log(10) / 10)  # dB -> natural-log energy units (lhotse's fbank)
         return torch.where(valid, torch.logaddexp(x, level[:, None, None]), x)
 
     @staticmethod

@@ -13,6 +13,7 @@ CTC details the seed got wrong, each pinned by a test:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +23,17 @@ from lmu_asr.config import ModelConfig
 from lmu_asr.model.encoder import Encoder
 from lmu_asr.text import BLANK
 
+if TYPE_CHECKING:  # for the annotation only: the model runs without the data package
+    from lmu_asr.data.specaug import SpecAugment
+
 
 class LMUASR(nn.Module):
     """fbank (B, T, 80) + lengths -> CTC logits (B, ceil(T/2), 29) + output lengths."""
 
-    def __init__(self, cfg: ModelConfig, augment: nn.Module | None = None, max_frames: int = 3000) -> None:
+    def __init__(self, cfg: ModelConfig, augment: SpecAugment | None = None, max_frames: int = 3000) -> None:
         super().__init__()
         self.cfg = cfg
-        self.augment = augment  # e.g. SpecAugment: applied to normalised features in training mode only
+        self.augment = augment  # SpecAugment, in training mode only
         # Per-feature statistics from prep (meta.json); stored in the checkpoint so inference needs nothing else.
         self.register_buffer("feat_mean", torch.zeros(cfg.n_mels))
         self.register_buffer("feat_std", torch.ones(cfg.n_mels))
@@ -98,11 +102,12 @@ class LMUASR(nn.Module):
         return means, csum[torch.arange(x.shape[0]), (lengths - 1).clamp(min=0)]
 
     def forward(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training and self.augment is not None and hasattr(self.augment, "raw"):
-            feats = self.augment.raw(feats, lengths)
+        augment = self.augment if self.training else None
+        if augment is not None:  # raw energies first (the recording floor), masks on the normalised features
+            feats = augment.raw(feats, lengths)
         x = self.normalize(feats, lengths)
-        if self.training and self.augment is not None:
-            x = self.augment(x, lengths)
+        if augment is not None:
+            x = augment(x, lengths)
         h, out_lengths = self.encoder(x, lengths)
         return self.head(h), out_lengths
 

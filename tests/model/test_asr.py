@@ -113,7 +113,7 @@ def test_lifter_keeps_the_spectral_envelope_and_streams(input_bins: int) -> None
     model.set_normalization(torch.randn(80), torch.rand(80) + 0.5)
     feats = torch.randn(41, 80) * 2
     logits, _ = model(feats[None], torch.tensor([41]))
-    ripple = torch.randn(41, 1) * (basis[30] + 0.5 * basis[45 % bins])  # orders >= 12, varying over time
+    ripple = torch.randn(41, 1) * (basis[30] + 0.5 * basis[45])  # orders >= 12, varying over time
     rippled = feats.clone()
     rippled[:, :bins] += ripple * model.feat_std[:bins]
     rippled[:, bins:] += torch.randn(41, 80 - bins) * 50  # out of band, if any: ignored
