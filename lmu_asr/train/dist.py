@@ -11,12 +11,16 @@ NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,3 +132,16 @@ def all_gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def requeue_slurm_job() -> None:
+    """Put this SLURM job back in the queue after a pre-emption signal (``sbatch --signal``), so it resumes from
+    the checkpoint just written; outside SLURM, or when ``scontrol`` fails, only a warning says so."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=False, timeout=30)
+        log.warning("requeued SLURM job %s", job)
+    except (OSError, subprocess.SubprocessError) as err:
+        log.warning("could not requeue job %s: %s", job, err)

@@ -15,7 +15,6 @@ import logging
 import math
 import shutil
 import signal
-import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +32,7 @@ from lmu_asr.data.shards import OPEN_DAMAGE, ShardSet
 from lmu_asr.data.specaug import SpecAugment
 from lmu_asr.data.stream import interleave, is_url, open_remote, stream_loader, stream_plan
 from lmu_asr.fileio import atomic_write, check_writable
-from lmu_asr.model.asr import LMUASR, count_flops
+from lmu_asr.model.asr import LMUASR
 from lmu_asr.train import checkpoint as ckpt
 from lmu_asr.train import dist
 from lmu_asr.train.evaluate import evaluate
@@ -103,50 +102,15 @@ class Trainer:
         return batches[:n], stats
 
     def describe(self) -> str:
-        """The --dry-run report: resolved config, data found, model size and cost."""
-        batches, stats = self.epoch_batches(0)
-        m = self.model
-        flops = count_flops(m, 1, 400)
-        lines = ["# resolved config", self.cfg.to_yaml().rstrip(), "", "# data",
-                 f"shards: {self.remote.spec if self.remote else self.shards.directory} "
-                 f"({len(self.shards.shard_names)} shard(s), "
-                 f"{len(self.shards)} utterances, {self.shards.num_frames.sum() / 360_000:.2f} h)"]
-        if self.shards.damaged_shards:
-            lines.append(f"damaged (skipped): {self.shards.damage_counts()} in {', '.join(self.shards.damaged_shards)}")
-        lines += [f"epoch 0 on this rank: {stats.utterances} utterances in {len(batches)} batches, padding "
-                  f"{100 * stats.padding_ratio:.1f} %, skipped: {stats.skipped or 'none'}",
-                  f"dev: {self.dev.directory} ({len(self.dev)} utterances)" if self.dev else "dev: none",
-                  "", "# model", f"parameters: {m.num_parameters():,}",
-                  self._compile_line(),
-                  f"CTC: {self._ctc_choice()} (train.ctc={self.cfg.train.ctc}; README: The CTC)",
-                  f"training FLOPs per utterance of 4 s (400 frames): {flops / 1e9:.2f} GFLOP",
-                  f"device: {self.device}, world size {self.info.world_size} ({self.info.launcher})"]
-        return "\n".join(lines)
+        """The --dry-run report (lmu_asr.train.describe)."""
+        from lmu_asr.train.describe import describe
+
+        return describe(self)
 
     def planned(self) -> list[tuple[int, int]]:
         """The batch shapes of this run: one per bucket that holds an eligible utterance (see planned_shapes)."""
         mask, _ = eligible(self.shards, self.cfg.data, self.cfg.model.downsample)
         return planned_shapes(self.cfg.data, self.cfg.model.downsample, self.shards.num_frames[mask])
-
-    def _ctc_choice(self) -> str:
-        """What the step runs; before the runner exists (--dry-run), resolved the same way (on CUDA that runs
-        the Triton self-check, so a dry run already says whether our kernels work on this GPU)."""
-        from lmu_asr.train.step import resolve_ctc
-
-        runner = getattr(self, "runner", None)
-        return runner.ctc if runner is not None else resolve_ctc(self.cfg.train.ctc, self.device)
-
-    def _compile_line(self) -> str:
-        from lmu_asr.config import compile_enabled
-
-        if not compile_enabled(self.cfg, self.device.type):
-            return "torch.compile: off (eager)"
-        shapes = self.planned()
-        if self.cfg.train.compile_shapes == "dynamic":
-            return f"torch.compile: 1 graph with a dynamic time axis (covers {len(shapes)} planned shapes)"
-        listed = ", ".join(f"{r}x{f}" for r, f in shapes[:12]) + (" ..." if len(shapes) > 12 else "")
-        return (f"torch.compile: {len(shapes)} graph(s), one per planned shape (rows x frames), all compiled "
-                f"before the first step: {listed}")
 
     # ------------------------------------------------------------------ state
     def _payload(self) -> dict[str, Any]:
@@ -436,13 +400,6 @@ class Trainer:
         return bool(flag) and not self.info.distributed
 
     def _requeue(self) -> None:
-        import os
-
-        job = os.environ.get("SLURM_JOB_ID")
         log.warning("signal %s: checkpoint saved at step %d", self._stop_signal, self.step)
-        if job and self.info.is_main:
-            try:
-                subprocess.run(["scontrol", "requeue", job], check=False, timeout=30)
-                log.warning("requeued SLURM job %s", job)
-            except (OSError, subprocess.SubprocessError) as err:
-                log.warning("could not requeue job %s: %s", job, err)
+        if self.info.is_main:
+            dist.requeue_slurm_job()
