@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,3 +104,26 @@ def test_preemption_signal_checkpoints_and_requeues(train_shards: Path, tmp_path
 
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert state["step"] == read_jsonl(run / "log.jsonl")[-1]["step"]
+
+
+def test_requeue_outside_slurm_does_nothing_and_a_missing_scontrol_only_warns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A pre-empted run must end with its checkpoint saved whatever happens to the requeue: no SLURM job, no
+    call; no scontrol on PATH (a login node, a container), a warning and no exception."""
+    from lmu_asr.train.dist import requeue_slurm_job
+
+    calls = tmp_path / "calls"
+    bash = shutil.which("bash")  # the PATH below holds only the stand-in, so its interpreter is named in full
+    (tmp_path / "scontrol").write_text(f"#!{bash}\necho \"$@\" >> {calls}\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    requeue_slurm_job()
+    assert not calls.exists()
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    requeue_slurm_job()
+    assert calls.read_text().split() == ["requeue", "77"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with caplog.at_level("WARNING", logger="lmu_asr.train.dist"):
+        requeue_slurm_job()
+    assert "could not requeue job 77" in caplog.text
