@@ -136,7 +136,8 @@ def all_gather_objects(obj: object) -> list[object]:
 
 def requeue_slurm_job() -> None:
     """Put this SLURM job back in the queue after a pre-emption signal (``sbatch --signal``), so it resumes from
-    the checkpoint just written; outside SLURM, or when ``scontrol`` fails, only a warning says so."""
+    the checkpoint just written. Outside a SLURM job it does nothing; when ``scontrol`` cannot run, a warning
+    says so and the caller goes on (its checkpoint is already saved)."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return

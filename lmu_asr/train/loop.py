@@ -35,6 +35,7 @@ from lmu_asr.fileio import atomic_write, check_writable
 from lmu_asr.model.asr import LMUASR
 from lmu_asr.train import checkpoint as ckpt
 from lmu_asr.train import dist
+from lmu_asr.train.describe import describe
 from lmu_asr.train.evaluate import evaluate
 from lmu_asr.train.metrics import DeviceMonitor, JsonlLog, TensorBoard, Throughput, read_jsonl
 from lmu_asr.train.step import MetricReader, StepRunner, step_record, step_seed
@@ -103,8 +104,6 @@ class Trainer:
 
     def describe(self) -> str:
         """The --dry-run report (lmu_asr.train.describe)."""
-        from lmu_asr.train.describe import describe
-
         return describe(self)
 
     def planned(self) -> list[tuple[int, int]]:
