@@ -136,13 +136,21 @@ def all_gather_objects(obj: object) -> list[object]:
 
 def requeue_slurm_job() -> None:
     """Put this SLURM job back in the queue after a pre-emption signal (``sbatch --signal``), so it resumes from
-    the checkpoint just written. Outside a SLURM job it does nothing; when ``scontrol`` cannot run, a warning
-    says so and the caller goes on (its checkpoint is already saved)."""
+    the checkpoint just written. Outside a SLURM job it does nothing. When ``scontrol`` cannot run or refuses
+    (a job submitted with ``--no-requeue``, a cluster that forbids it), a warning gives its exit status and
+    message, so nobody waits for a requeue that never comes; the caller goes on either way (its checkpoint is
+    already saved)."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return
     try:
-        subprocess.run(["scontrol", "requeue", job], check=False, timeout=30)
-        log.warning("requeued SLURM job %s", job)
+        done = subprocess.run(["scontrol", "requeue", job], check=False, timeout=30, capture_output=True, text=True)
     except (OSError, subprocess.SubprocessError) as err:
         log.warning("could not requeue job %s: %s", job, err)
+        return
+    if done.returncode != 0:
+        why = (done.stderr or done.stdout).strip().splitlines()
+        log.warning("could not requeue job %s: scontrol exited %d%s", job, done.returncode,
+                    f": {why[-1]}" if why else "")
+        return
+    log.warning("requeued SLURM job %s", job)

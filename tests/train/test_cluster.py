@@ -106,10 +106,11 @@ def test_preemption_signal_checkpoints_and_requeues(train_shards: Path, tmp_path
     assert state["step"] == read_jsonl(run / "log.jsonl")[-1]["step"]
 
 
-def test_requeue_outside_slurm_does_nothing_and_a_missing_scontrol_only_warns(
+def test_requeue_outside_slurm_does_nothing_and_a_missing_or_refusing_scontrol_only_warns(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A pre-empted run must end with its checkpoint saved whatever happens to the requeue: no SLURM job, no
-    call; no scontrol on PATH (a login node, a container), a warning and no exception."""
+    call; no scontrol on PATH (a login node, a container) or one that refuses, a warning that says why and no
+    exception."""
     from lmu_asr.train.dist import requeue_slurm_job
 
     calls = tmp_path / "calls"
@@ -121,9 +122,21 @@ def test_requeue_outside_slurm_does_nothing_and_a_missing_scontrol_only_warns(
     requeue_slurm_job()
     assert not calls.exists()
     monkeypatch.setenv("SLURM_JOB_ID", "77")
-    requeue_slurm_job()
+    with caplog.at_level("WARNING", logger="lmu_asr.train.dist"):
+        requeue_slurm_job()
     assert calls.read_text().split() == ["requeue", "77"]
+    assert "requeued SLURM job 77" in caplog.text
+    caplog.clear()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with caplog.at_level("WARNING", logger="lmu_asr.train.dist"):
         requeue_slurm_job()
     assert "could not requeue job 77" in caplog.text
+    # scontrol runs but refuses (a --no-requeue job): its exit status and message, not "requeued"
+    (tmp_path / "scontrol").write_text(f"#!{bash}\necho 'Requested operation is disabled for this job' >&2\n"
+                                       "exit 1\n")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lmu_asr.train.dist"):
+        requeue_slurm_job()
+    assert "scontrol exited 1: Requested operation is disabled for this job" in caplog.text
+    assert "requeued SLURM job" not in caplog.text
