@@ -93,7 +93,7 @@ def prep(corpus_dir: Path | None, subset: str | None, cuts: Path | None, out: Pa
 @click.option("--shards", required=True,
               help="Training shards: a prep folder, or webdataset URLs (https://host/shard-{000000..000099}.tar, "
                    "pipe:CMD, file:PATH) with index.parquet and meta.json beside them.")
-@click.option("--dev-shards", type=click.Path(path_type=Path), help="Validation shards (loss, WER each epoch).")
+@click.option("--dev-shards", help="Validation shards (loss, WER each epoch): a folder or URLs, as --shards.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--preset", default=None, help="Configuration preset (see config.py); default: 'default'.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML file of config overrides.")
@@ -117,7 +117,7 @@ def prep(corpus_dir: Path | None, subset: str | None, cuts: Path | None, out: Pa
 @click.option("--debug", is_flag=True, help="Run 3 steps, eagerly, with extra checks.")
 @click.option("--progress/--no-progress", default=True)
 @user_errors
-def train(shards: str, dev_shards: Path | None, out: Path, preset: str | None, config_file: Path | None,
+def train(shards: str, dev_shards: str | None, out: Path, preset: str | None, config_file: Path | None,
           sets: tuple[str, ...], epochs: int | None, max_steps: int | None, save_every: int | None,
           batch_size: int | None, batch_frames: int | None, max_frames: int | None, lr: float | None,
           precision: str | None, compile_: bool | None, loader: str | None, workers: int | None, seed: int | None,
@@ -169,20 +169,21 @@ def train(shards: str, dev_shards: Path | None, out: Path, preset: str | None, c
 
 @main.command("eval")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
-@click.option("--shards", required=True, type=click.Path(path_type=Path))
+@click.option("--shards", required=True, help="A shard folder, or webdataset URLs with index.parquet and meta.json "
+              "beside them (as train --shards).")
 @click.option("--beam", default=0, show_default=True, type=NONNEG, help="Prefix beam width (0: greedy).")
 @click.option("--report", type=click.Path(path_type=Path), help="JSON report path (default: beside the checkpoint).")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @lm_options
 @user_errors
-def eval_cmd(checkpoint: Path, shards: Path, beam: int, report: Path | None, device: str, lm_dir: Path | None,
+def eval_cmd(checkpoint: Path, shards: str, beam: int, report: Path | None, device: str, lm_dir: Path | None,
              lm_weight: float | None, word_score: float | None, lexicon: bool | None) -> None:
     """WER/CER (GigaSpeech scoring) of a checkpoint on a shard set; writes a JSON report."""
     import json
 
     import torch
 
-    from lmu_asr.data.shards import ShardSet
+    from lmu_asr.data.stream import open_shards
     from lmu_asr.fileio import atomic_write as atomic_write_text
     from lmu_asr.train.checkpoint import model_from_checkpoint
     from lmu_asr.train.evaluate import evaluate
@@ -190,14 +191,16 @@ def eval_cmd(checkpoint: Path, shards: Path, beam: int, report: Path | None, dev
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     words = word_decoder(lm_dir, beam, lm_weight, word_score, lexicon)  # flag errors before the model loads
     model, cfg = model_from_checkpoint(checkpoint, dev)
-    res = evaluate(model, ShardSet.open(shards), cfg, dev, beam=beam, keep_hyps=True,
-                   decoder=words.decode if words else None)
+    shard_set, remote = open_shards(shards)
+    res = evaluate(model, shard_set, cfg, dev, beam=beam, keep_hyps=True, decoder=words.decode if words else None,
+                   remote=remote)
     label = words.opts.label() if words else ("beam" + str(beam) if beam > 1 else "greedy")
     if words:
         from lmu_asr.lm.decode import describe
 
         res["lm"] = {"dir": str(lm_dir), **describe(words.opts)}
-    report = report or checkpoint.parent / f"eval_{shards.resolve().name}_{label.replace('+', '_')}.json"
+    name = shard_set.directory.name if remote else Path(shards).resolve().name  # URLs: the index cache's name
+    report = report or checkpoint.parent / f"eval_{name}_{label.replace('+', '_')}.json"
     atomic_write_text(report, json.dumps({"checkpoint": str(checkpoint), "shards": str(shards), **res}, indent=1))
     detail = (f"{label}, LM weight {words.opts.lm_weight:g}, word score {words.opts.word_score:g}" if words
               else label.replace("beam", "beam "))

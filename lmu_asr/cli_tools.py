@@ -190,7 +190,7 @@ def lm_build(shard_dirs: tuple[Path, ...], text_files: tuple[Path, ...], out: Pa
 
 @click.command("tune-lm")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
-@click.option("--shards", required=True, type=click.Path(path_type=Path), help="A DEV set (never the test set).")
+@click.option("--shards", required=True, help="A DEV set (never the test set): a folder or URLs, as train --shards.")
 @click.option("--lm", "lm_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--beam", type=POS, help="Beam width (default: 512 with the lexicon, 32 without).")
 @click.option("--lexicon/--no-lexicon", default=True, show_default=True)
@@ -199,10 +199,10 @@ def lm_build(shard_dirs: tuple[Path, ...], text_files: tuple[Path, ...], out: Pa
 @click.option("--jobs", type=POS, help="Processes for the grid (default: one per available core).")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @user_errors
-def tune_lm(checkpoint: Path, shards: Path, lm_dir: Path, beam: int | None, lexicon: bool, weights: str,
+def tune_lm(checkpoint: Path, shards: str, lm_dir: Path, beam: int | None, lexicon: bool, weights: str,
             word_scores: str, jobs: int | None, device: str) -> None:
     """Pick the LM weight and word score on DEV; writes LM/tuned.json, which eval/transcribe then use."""
-    from lmu_asr.data.shards import ShardSet
+    from lmu_asr.data.stream import open_shards
     from lmu_asr.lm.tune import tune
     from lmu_asr.train.checkpoint import model_from_checkpoint
     from lmu_asr.train.evaluate import evaluate
@@ -216,7 +216,8 @@ def tune_lm(checkpoint: Path, shards: Path, lm_dir: Path, beam: int | None, lexi
     dev = resolve_device(device)
     model, cfg = model_from_checkpoint(checkpoint, dev)
     utterances: list = []
-    base = evaluate(model, ShardSet.open(shards), cfg, dev, collect=utterances)
+    shard_set, remote = open_shards(shards)
+    base = evaluate(model, shard_set, cfg, dev, collect=utterances, remote=remote)
     res = tune(lm_dir, utterances, beam, lexicon, floats(weights, "--weights"), floats(word_scores, "--word-scores"),
                str(checkpoint), jobs)
     o = res["options"]

@@ -200,10 +200,15 @@ def eval_plan(shards: ShardSet, cfg: DataConfig, downsample: int, rank: int = 0,
     utterances too short for training (or for their transcript under CTC) are scored too (as the errors they will
     be). Only utterances found damaged when the set was opened are left out, counted by reason.
     """
-    longest = int(shards.num_frames[shards.usable].max()) if shards.usable.any() else cfg.max_frames
-    eval_cfg = DataConfig(**{**cfg.__dict__, "max_frames": max(cfg.max_frames, longest), "min_frames": 0})
-    mask = shards.usable.copy()
-    stats = PlanStats(skipped=shards.damage_counts())
-    order = np.flatnonzero(mask)
+    eval_cfg, stats = eval_setup(shards, cfg)
+    order = np.flatnonzero(shards.usable)
     order = order[np.argsort(shards.num_frames[order], kind="stable")][rank::world]
     return make_batches(order, shards, eval_cfg, downsample, stats), stats
+
+
+def eval_setup(shards: ShardSet, cfg: DataConfig) -> tuple[DataConfig, PlanStats]:
+    """The batching config of an evaluation (buckets up to the longest utterance, no minimum length) and its
+    stats, holding what was found damaged when the set was opened (the only utterances left out)."""
+    longest = int(shards.num_frames[shards.usable].max()) if shards.usable.any() else cfg.max_frames
+    eval_cfg = DataConfig(**{**cfg.__dict__, "max_frames": max(cfg.max_frames, longest), "min_frames": 0})
+    return eval_cfg, PlanStats(skipped=shards.damage_counts())

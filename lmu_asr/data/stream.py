@@ -18,6 +18,9 @@ batches need (about a shuffle buffer's worth); a batch is emitted as soon as the
 member. Workers' batches are merged in a fixed round-robin order, so the run is deterministic for a given
 worker count. Resume is exact: a resumed worker restarts reading at the first shard it still needs (shard
 granularity of the *reading*) and emits exactly the batches an uninterrupted run would have.
+
+Evaluation (``--dev-shards``, ``eval``, ``tune-lm``) streams the same way, with a plan of its own
+(:func:`eval_stream_plan`): every readable utterance once, no shuffle, sorted by length within windows.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lmu_asr import UserError
 from lmu_asr.config import DataConfig
 from lmu_asr.data.dataset import assemble_batch
-from lmu_asr.data.sampler import Batch, PlanStats, eligible, make_batches, shuffle_buffer
+from lmu_asr.data.sampler import Batch, PlanStats, eligible, eval_setup, make_batches, shuffle_buffer
 from lmu_asr.data.shards import ShardSet, parse_npy
 from lmu_asr.fileio import atomic_write
 from lmu_asr.prep.shards import ShardError
@@ -139,14 +142,47 @@ def stream_plan(shards: ShardSet, cfg: DataConfig, downsample: int, epoch: int, 
     plans, shard_lists = [], []
     for w, piece in enumerate(_split(frames[mine], streams)):
         ids = mine[piece]
-        rank_of = np.empty(n_shards, np.int64)
-        rank_of[ids] = np.arange(len(ids))
-        rows = np.flatnonzero(mask & np.isin(shards.shard_id, ids))
-        rows = rows[np.lexsort((shards.position[rows], rank_of[shards.shard_id[rows]]))]
+        rows = _read_order(shards, mask, ids)
         rng = np.random.default_rng([seed, epoch, rank, 1] if streams == 1 else [seed, epoch, rank, 1, w])
         plans.append(make_batches(shuffle_buffer(rows, cfg.shuffle_buffer, rng), shards, cfg, downsample, stats))
         shard_lists.append(ids.tolist())
     return plans, shard_lists, stats
+
+
+def eval_stream_plan(shards: ShardSet, cfg: DataConfig, downsample: int, rank: int, world: int,
+                     workers: int) -> tuple[list[list[Batch]], list[list[int]], PlanStats]:
+    """Evaluation from URLs: every readable utterance once, as ``sampler.eval_plan`` scores a local set.
+
+    The shards keep their stored order (a score does not depend on it), cut into contiguous pieces per rank and
+    per worker by frames, as in training. A random-access plan sorts the whole set by length; a stream cannot
+    without holding all of it, so each run of ``shuffle_buffer`` consecutive utterances (at least 64) is sorted
+    and batched on its own: a worker holds at most one run of samples, and padding stays close to the sorted
+    plan's."""
+    eval_cfg, stats = eval_setup(shards, cfg)
+    mask = shards.usable
+    frames = np.bincount(shards.shard_id[mask], weights=shards.num_frames[mask], minlength=len(shards.shard_names))
+    mine = _split(frames, world)[rank]
+    window = max(cfg.shuffle_buffer, 64)
+    plans, shard_lists = [], []
+    for piece in _split(frames[mine], max(1, workers)):
+        ids = mine[piece]
+        rows = _read_order(shards, mask, ids)
+        batches: list[Batch] = []
+        for start in range(0, len(rows), window):
+            run = rows[start:start + window]
+            batches += make_batches(run[np.argsort(shards.num_frames[run], kind="stable")], shards, eval_cfg,
+                                    downsample, stats)
+        plans.append(batches)
+        shard_lists.append(ids.tolist())
+    return plans, shard_lists, stats
+
+
+def _read_order(shards: ShardSet, mask: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The rows of shards ``ids`` (in that order) that ``mask`` keeps, in the order a stream of them delivers."""
+    rank_of = np.empty(len(shards.shard_names), np.int64)
+    rank_of[ids] = np.arange(len(ids))
+    rows = np.flatnonzero(mask & np.isin(shards.shard_id, ids))
+    return rows[np.lexsort((shards.position[rows], rank_of[shards.shard_id[rows]]))]
 
 
 def interleave(plans: list[list[Batch]]) -> list[tuple[int, int]]:
@@ -162,8 +198,9 @@ class StreamDataset(IterableDataset):
     """Each DataLoader worker streams its own shards and yields (position in the merged order, batch)."""
 
     def __init__(self, shards: ShardSet, remote: RemoteShards, plans: list[list[Batch]],
-                 shard_lists: list[list[int]], order: list[tuple[int, int]], start: int, downsample: int) -> None:
-        self.shards, self.remote, self.downsample = shards, remote, downsample
+                 shard_lists: list[list[int]], order: list[tuple[int, int]], start: int, downsample: int,
+                 with_text: bool = False) -> None:
+        self.shards, self.remote, self.downsample, self.with_text = shards, remote, downsample, with_text
         self.plans, self.shard_lists = plans, shard_lists
         self.positions: list[dict[int, int]] = [{} for _ in plans]
         for pos, (w, k) in enumerate(order):
@@ -241,7 +278,7 @@ class StreamDataset(IterableDataset):
                 raise value
             return value
 
-        return assemble_batch(b, read, self.shards.key, self.downsample)
+        return assemble_batch(b, read, self.shards.key, self.downsample, self.with_text)
 
 
 def ordered(items: Iterator[tuple[int, dict]], start: int) -> Iterator[dict]:
@@ -260,12 +297,31 @@ def stream_loader(shards: ShardSet, remote: RemoteShards, cfg: DataConfig, downs
                   rank: int, world: int, start: int, limit: int, pin_memory: bool) -> Iterator[dict]:
     """This rank's batches of one epoch from ``start`` (of ``limit``, the count every rank agreed on)."""
     plans, shard_lists, _ = stream_plan(shards, cfg, downsample, epoch, seed, rank, world, cfg.num_workers)
-    order = interleave(plans)[:limit]
-    dataset = StreamDataset(shards, remote, plans, shard_lists, order, start, downsample)
-    workers = cfg.num_workers
+    return _load(StreamDataset(shards, remote, plans, shard_lists, interleave(plans)[:limit], start, downsample),
+                 cfg.num_workers, cfg.prefetch, pin_memory)
+
+
+def eval_stream_loader(shards: ShardSet, remote: RemoteShards, cfg: DataConfig, downsample: int, rank: int,
+                       world: int) -> tuple[Iterator[dict], PlanStats]:
+    """This rank's evaluation batches from URLs (see eval_stream_plan), with as many workers as a local
+    evaluation uses (at most 2), and the plan's stats."""
+    workers = min(cfg.num_workers, 2)
+    plans, shard_lists, stats = eval_stream_plan(shards, cfg, downsample, rank, world, workers)
+    dataset = StreamDataset(shards, remote, plans, shard_lists, interleave(plans), 0, downsample, with_text=True)
+    return _load(dataset, workers, 2, False), stats
+
+
+def _load(dataset: StreamDataset, workers: int, prefetch: int, pin_memory: bool) -> Iterator[dict]:
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                        prefetch_factor=cfg.prefetch if workers else None)
-    return (b for b in ordered(iter(loader), start) if b is not None)
+                        prefetch_factor=prefetch if workers else None)
+    return (b for b in ordered(iter(loader), dataset.start) if b is not None)
+
+
+def open_shards(spec: str | Path) -> tuple[ShardSet, RemoteShards | None]:
+    """A shard set named by its folder, or by webdataset URLs (then its index is fetched: see open_remote)."""
+    if is_url(spec):
+        return open_remote(str(spec))
+    return ShardSet.open(Path(spec)), None
 
 
 def stream_batch_count(shards: ShardSet, cfg: DataConfig, downsample: int, epoch: int, seed: int, rank: int,

@@ -20,6 +20,7 @@ from lmu_asr.config import Config
 from lmu_asr.data.dataset import BatchDataset, make_loader, to_device
 from lmu_asr.data.sampler import eval_plan
 from lmu_asr.data.shards import OPEN_DAMAGE, ShardSet
+from lmu_asr.data.stream import RemoteShards, eval_stream_loader
 from lmu_asr.model.asr import LMUASR, ctc_loss
 from lmu_asr.model.decode import decode_texts
 from lmu_asr.text import ErrorRates
@@ -47,20 +48,25 @@ def damage_summary(counts: Counter, examples: list[dict]) -> dict[str, Any]:
 def evaluate(model: LMUASR, shards: ShardSet, cfg: Config, device: torch.device, beam: int = 0,
              autocast_dtype: torch.dtype | None = None, keep_hyps: bool = False,
              decoder: Callable[[np.ndarray], str] | None = None,
-             collect: list[tuple[str, str, np.ndarray]] | None = None) -> dict[str, Any]:
+             collect: list[tuple[str, str, np.ndarray]] | None = None,
+             remote: RemoteShards | None = None) -> dict[str, Any]:
     """Loss (mean per label, as in training) and corpus WER/CER (GigaSpeech scoring) on every readable utterance.
 
     ``decoder``: log-probs (T, 29) of one utterance -> text (e.g. a ``WordDecoder``'s LM beam search) instead of
     greedy / prefix beam. ``collect``: receives (key, reference, log-probs) of every scored utterance (LM tuning
-    decodes them many times without running the model again).
+    decodes them many times without running the model again). ``remote``: the set's shards are URLs (``shards``
+    is their fetched index, from ``data.stream.open_shards``), streamed instead of read by random access.
     """
     was_training = model.training
     model.eval()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    batches, stats = eval_plan(shards, cfg.data, cfg.model.downsample, rank, world)
-    loader = make_loader(BatchDataset(shards, batches, cfg.model.downsample, with_text=True),
-                         num_workers=min(cfg.data.num_workers, 2), prefetch=2)
+    if remote is not None:
+        loader, stats = eval_stream_loader(shards, remote, cfg.data, cfg.model.downsample, rank, world)
+    else:
+        batches, stats = eval_plan(shards, cfg.data, cfg.model.downsample, rank, world)
+        loader = make_loader(BatchDataset(shards, batches, cfg.model.downsample, with_text=True),
+                             num_workers=min(cfg.data.num_workers, 2), prefetch=2)
     rates = ErrorRates()
     loss_sum = utts = 0.0
     hyps: list[tuple[str, str, str]] = []

@@ -30,7 +30,7 @@ from lmu_asr.data.dataset import BatchDataset, PlanSampler, make_loader
 from lmu_asr.data.sampler import capacity, eligible, epoch_plan, planned_shapes
 from lmu_asr.data.shards import OPEN_DAMAGE, ShardSet
 from lmu_asr.data.specaug import SpecAugment
-from lmu_asr.data.stream import interleave, is_url, open_remote, stream_loader, stream_plan
+from lmu_asr.data.stream import interleave, is_url, open_remote, open_shards, stream_loader, stream_plan
 from lmu_asr.fileio import atomic_write, check_writable
 from lmu_asr.model.asr import LMUASR
 from lmu_asr.train import checkpoint as ckpt
@@ -48,7 +48,7 @@ class TrainingStopped(UserError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, shards_dir: Path | str, run_dir: Path, dev_dir: Path | None = None,
+    def __init__(self, cfg: Config, shards_dir: Path | str, run_dir: Path, dev_dir: Path | str | None = None,
                  resume: bool = False, device: str = "auto", debug: bool = False, progress: bool = True) -> None:
         self.cfg, self.run_dir, self.debug, self.progress = cfg, Path(run_dir), debug, progress
         if debug:
@@ -67,9 +67,7 @@ class Trainer:
             self.shards, self.remote = open_remote(str(shards_dir))
         else:
             self.shards = ShardSet.open(shards_dir)
-        if dev_dir is not None and is_url(dev_dir):
-            raise UserError("--dev-shards must be a local folder (validation reads utterances by random access)")
-        self.dev = ShardSet.open(dev_dir) if dev_dir is not None else None
+        self.dev, self.dev_remote = open_shards(dev_dir) if dev_dir is not None else (None, None)
         torch.manual_seed(cfg.train.seed)  # the initial weights are part of the run's identity
         self.model = LMUASR(cfg.model, augment=SpecAugment(cfg.data.specaug), max_frames=cfg.data.max_frames)
         self.model.set_normalization(*self.shards.stats())
@@ -359,7 +357,8 @@ class Trainer:
         self._flush()
         epoch = self.epoch
         if self.dev is not None:
-            res = evaluate(self.model, self.dev, self.cfg, self.device, self.cfg.train.eval_beam, self.runner.amp)
+            res = evaluate(self.model, self.dev, self.cfg, self.device, self.cfg.train.eval_beam, self.runner.amp,
+                           remote=self.dev_remote)
             record = {"epoch": epoch, "step": self.step, "dev_loss": res["loss"], "dev_wer": res["wer"],
                       "dev_cer": res["cer"], "utterances": res["utterances"]}
             self.dev_unreadable = res["damaged"]["count"]

@@ -10,9 +10,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from lmu_asr.data.stream import RemoteShards, interleave
+from lmu_asr.config import DataConfig
+from lmu_asr.data.shards import ShardSet
+from lmu_asr.data.stream import RemoteShards, eval_stream_plan, interleave
 from tests.helpers import run_cli
 from tests.test_robustness import rewrite_tar
 
@@ -64,8 +67,6 @@ def test_two_workers_cover_the_epoch_once_and_resume_exactly(served: tuple[str, 
     url, root = served
     assert train(url, tmp_path / "whole", "--epochs", "2", "--workers", "2")[0] == 0
     whole = records(tmp_path / "whole")
-    from lmu_asr.data.shards import ShardSet
-
     usable = len(ShardSet.open(root))
     assert sum(r[3] for r in whole if r[1] == 0) == sum(r[3] for r in whole if r[1] == 1) == usable
     assert train(url, tmp_path / "cut", "--epochs", "2", "--workers", "2", "--max-steps", "3")[0] == 0
@@ -101,3 +102,62 @@ def test_siblings_and_merge_order() -> None:
     h = RemoteShards("https://h/p/shard-{1..2}.tar", ["https://h/p/shard-1.tar", "https://h/p/shard-2.tar"])
     assert h.sibling("index.parquet") == "https://h/p/index.parquet"
     assert interleave([[1, 2, 3], [4], [5, 6]]) == [(0, 0), (1, 0), (2, 0), (0, 1), (2, 1), (0, 2)]
+
+
+def test_eval_and_dev_shards_from_urls_score_what_the_folder_scores(served: tuple[str, Path], synth_shards: Path,
+                                                                      tmp_path: Path) -> None:
+    """Validation during training, ``eval`` and the folder they were served from: the same utterances, the
+    same hypotheses, the same WER (the streamed plan batches differently, so the loss agrees to rounding)."""
+    url, _ = served
+    run = tmp_path / "run"
+    code, output = train(synth_shards, run, "--dev-shards", url, "--epochs", "1", "--workers", "0")
+    assert code == 0, output
+    (dev_record,) = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    ckpt = next((run / "checkpoints").glob("checkpoint_epoch_0*.pt"))
+    reports = {}
+    for name, spec in (("url", url), ("local", str(synth_shards))):
+        code, output = run_cli("eval", "--checkpoint", str(ckpt), "--shards", spec, "--report",
+                               str(tmp_path / f"{name}.json"))
+        assert code == 0, output
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    url_res, local_res = reports["url"], reports["local"]
+    assert url_res["utterances"] == local_res["utterances"] == len(ShardSet.open(synth_shards))
+    assert sorted(url_res["hypotheses"]) == sorted(local_res["hypotheses"])
+    assert url_res["wer"] == local_res["wer"] == dev_record["dev_wer"]
+    assert url_res["loss"] == pytest.approx(local_res["loss"], rel=1e-4)
+    assert dev_record["dev_loss"] == pytest.approx(local_res["loss"], rel=1e-4)
+
+
+def test_streamed_eval_plan_covers_every_utterance_once_within_windows(synth_shards: Path) -> None:
+    """Two ranks of two workers each: every readable utterance in exactly one batch, and every batch drawn from
+    one window of consecutive utterances of its worker's stream (what bounds a worker's memory)."""
+    shards = ShardSet.open(synth_shards)
+    cfg = DataConfig(shuffle_buffer=16, batch_frames=2000)
+    seen = []
+    for rank in range(2):
+        plans, shard_lists, _ = eval_stream_plan(shards, cfg, 2, rank, 2, workers=2)
+        for plan, ids in zip(plans, shard_lists, strict=True):
+            stream = [i for s in ids for i in sorted(np.flatnonzero(shards.shard_id == s),
+                                                     key=lambda i: shards.position[i])]
+            where = {i: k for k, i in enumerate(stream)}
+            for b in plan:
+                pos = {where[int(i)] // 64 for i in b.indices}  # the window: max(shuffle_buffer, 64) rows
+                assert len(pos) == 1, pos
+                seen += b.indices.tolist()
+    assert sorted(seen) == np.flatnonzero(shards.usable).tolist()
+
+
+def test_a_sample_missing_from_a_streamed_eval_shard_is_reported(served: tuple[str, Path], tiny_run: Path,
+                                                                 tmp_path: Path) -> None:
+    url, root = served
+    victim = sorted(root.glob("shard-*.tar"))[2]
+    names = []
+    rewrite_tar(victim, lambda name, data: names.append(name) or (None if len(names) == 1 else data))
+    key = names[0].split(".")[0]
+    report = tmp_path / "r.json"
+    code, output = run_cli("eval", "--checkpoint", str(tiny_run / "checkpoints" / "last.pt"), "--shards", url,
+                           "--report", str(report))
+    assert code == 1 and "1 of 60 utterances could not be read" in output, output
+    res = json.loads(report.read_text())
+    assert res["utterances"] == 59 and res["damaged"]["examples"][0]["key"] == key
+    assert res["damaged"]["by_reason"] == {"missing_member": 1}
