@@ -123,11 +123,22 @@ def test_two_rank_ddp_odd_shards_identical_params_and_exact_resume(train_shards:
     assert (split / "params_rank0.txt").read_text() == digests[0]
 
 
-def test_torchrun_cli(train_shards: Path, tmp_path: Path) -> None:
+def test_torchrun_cli(train_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks, with dev shards given as URLs (each rank streams a piece): every dev utterance is scored once,
+    and the WER is the one a single process gets from the folder."""
+    n = len(ShardSet.open(train_shards).shard_names)
+    monkeypatch.setenv("LMU_ASR_CACHE", str(tmp_path / "cache"))
+    dev_url = f"file:{train_shards}/shard-{{000000..{n - 1:06d}}}.tar"
     res = torchrun("-m", "lmu_asr.cli", "train", "--shards", str(train_shards), "--out", str(tmp_path / "run"),
-                   *TINY, "--epochs", "1")
+                   *TINY, "--epochs", "1", "--dev-shards", dev_url)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_epoch_0.pt").is_file()
+    (record,) = read_jsonl(tmp_path / "run" / "eval.jsonl")
+    code, output = run_cli("eval", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "checkpoint_epoch_0.pt"),
+                           "--shards", str(train_shards), "--report", str(tmp_path / "local.json"))
+    local = json.loads((tmp_path / "local.json").read_text())
+    assert code == 0 and record["utterances"] == local["utterances"] == len(ShardSet.open(train_shards))
+    assert record["dev_wer"] == local["wer"]
 
 
 def test_truncated_shard_loses_only_its_tail(train_shards: Path, tmp_path: Path, caplog) -> None:
