@@ -69,8 +69,8 @@ class RemoteShards:
 
         urls = list(braceexpand.braceexpand(spec))
         if not urls or not all(_TAR.search(u) for u in urls):
-            raise UserError(f"--shards {spec!r}: expected URLs of .tar shards (e.g. https://host/shard-{{000000.."
-                            "000009}}.tar)")
+            raise UserError(f"shards {spec!r}: expected URLs of .tar shards (e.g. https://host/shard-{{000000.."
+                            "000009}.tar)")
         if spec.startswith(("http://", "https://")) and shutil.which("curl") is None:
             raise UserError("streaming http(s) shards needs curl (webdataset reads URLs with it)")
         return cls(spec, urls)

@@ -93,7 +93,7 @@ def test_url_errors_are_one_line(tmp_path: Path, monkeypatch) -> None:
     code, output = train("http://127.0.0.1:9/shard-{000000..000001}.tar", tmp_path / "r")
     assert code == 2 and "cannot fetch meta.json" in output and output.count("\n") == 1
     code, output = train("https://host/data/notashard", tmp_path / "r")
-    assert code == 2 and "expected URLs of .tar shards" in output
+    assert code == 2 and "expected URLs of .tar shards (e.g. https://host/shard-{000000..000009}.tar)" in output
 
 
 def test_siblings_and_merge_order() -> None:
