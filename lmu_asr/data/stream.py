@@ -93,10 +93,27 @@ class RemoteShards:
             with gopen(url, "rb") as f:
                 data = f.read()
         except Exception as err:  # curl / pipe failures surface as various exception types
-            raise UserError(f"cannot fetch {name} from {url}: {type(err).__name__}: {err}") from None
+            raise UserError(f"cannot fetch {name} from {url}: {_why(url, err)}") from None
         if not data:
             raise UserError(f"cannot fetch {name} from {url}: empty answer")
         return data
+
+
+# curl's exit statuses a user meets most (curl is run with -f: an HTTP status >= 400 is exit 22)
+_CURL = {6: "cannot resolve the host", 7: "cannot connect to the host", 22: "the server answered with an HTTP "
+         "error (no such file, or no permission)", 28: "timed out", 35: "TLS handshake failed"}
+
+
+def _why(url: str, err: Exception) -> str:
+    """One line for a failed fetch: webdataset reports a failed curl or pipe command as an OSError that holds
+    the whole command line and its exit status; the status is what the user needs."""
+    found = re.search(r"exit (-?\d+)", str(err))
+    if found is None:
+        return f"{type(err).__name__}: {err}"
+    code = int(found.group(1))
+    if url.startswith(("http://", "https://")):
+        return f"curl exited {code}" + (f" ({_CURL[code]})" if code in _CURL else "")
+    return f"the command exited {code}"
 
 
 def open_remote(spec: str) -> tuple[ShardSet, RemoteShards]:

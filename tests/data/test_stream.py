@@ -91,7 +91,11 @@ def test_a_sample_missing_from_a_streamed_shard_is_counted(served: tuple[str, Pa
 def test_url_errors_are_one_line(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("LMU_ASR_CACHE", str(tmp_path / "cache"))
     code, output = train("http://127.0.0.1:9/shard-{000000..000001}.tar", tmp_path / "r")
-    assert code == 2 and "cannot fetch meta.json" in output and output.count("\n") == 1
+    assert code == 2 and output.count("\n") == 1
+    assert "cannot fetch meta.json from http://127.0.0.1:9/meta.json: curl exited 7 (cannot connect" in output
+    code, output = train(f"pipe:cat {tmp_path}/nowhere/shard-{{000000..000001}}.tar", tmp_path / "r")
+    assert code == 2 and output.count("\n") == 1
+    assert f"cannot fetch meta.json from pipe:cat {tmp_path}/nowhere/meta.json: the command exited 1" in output
     code, output = train("https://host/data/notashard", tmp_path / "r")
     assert code == 2 and "expected URLs of .tar shards (e.g. https://host/shard-{000000..000009}.tar)" in output
 
