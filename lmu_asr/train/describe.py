@@ -28,7 +28,7 @@ def describe(trainer: Trainer) -> str:
         lines.append(f"damaged (skipped): {shards.damage_counts()} in {', '.join(shards.damaged_shards)}")
     lines += [f"epoch 0 on this rank: {stats.utterances} utterances in {len(batches)} batches, padding "
               f"{100 * stats.padding_ratio:.1f} %, skipped: {stats.skipped or 'none'}",
-              f"dev: {trainer.dev.directory} ({len(trainer.dev)} utterances)" if trainer.dev else "dev: none",
+              f"dev: {trainer.dev_name} ({len(trainer.dev)} utterances)" if trainer.dev else "dev: none",
               "", "# model", f"parameters: {m.num_parameters():,}",
               compile_line(trainer),
               f"CTC: {ctc_choice(trainer)} (train.ctc={trainer.cfg.train.ctc}; README: The CTC)",

@@ -68,6 +68,7 @@ class Trainer:
         else:
             self.shards = ShardSet.open(shards_dir)
         self.dev, self.dev_remote = open_shards(dev_dir) if dev_dir is not None else (None, None)
+        self.dev_name = str(dev_dir) if self.dev_remote else str(self.dev.directory if self.dev else "")
         torch.manual_seed(cfg.train.seed)  # the initial weights are part of the run's identity
         self.model = LMUASR(cfg.model, augment=SpecAugment(cfg.data.specaug), max_frames=cfg.data.max_frames)
         self.model.set_normalization(*self.shards.stats())
@@ -163,11 +164,11 @@ class Trainer:
         if self.dev is not None:
             lost = self.dev.damage_counts()
             if not self.dev.usable.any():
-                raise TrainingStopped(f"no readable dev utterance in {self.dev.directory} ({len(self.dev)} in its "
+                raise TrainingStopped(f"no readable dev utterance in {self.dev_name} ({len(self.dev)} in its "
                                       f"index; unreadable: {', '.join(f'{k} {v}' for k, v in lost.items())})")
             if lost:
                 log.warning("dev set %s: %d of %d utterances are unreadable (%s) and not scored",
-                            self.dev.directory, sum(lost.values()), len(self.dev), lost)
+                            self.dev_name, sum(lost.values()), len(self.dev), lost)
 
     def _setup(self) -> None:
         cfg = self.cfg

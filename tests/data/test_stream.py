@@ -125,6 +125,8 @@ def test_eval_and_dev_shards_from_urls_score_what_the_folder_scores(served: tupl
         assert code == 0, output
         reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
     url_res, local_res = reports["url"], reports["local"]
+    code, output = train(synth_shards, tmp_path / "dry", "--dev-shards", url, "--dry-run")
+    assert code == 0 and f"dev: {url} ({url_res['utterances']} utterances)" in output  # the URLs, not the cache
     assert url_res["utterances"] == local_res["utterances"] == len(ShardSet.open(synth_shards))
     assert sorted(url_res["hypotheses"]) == sorted(local_res["hypotheses"])
     assert url_res["wer"] == local_res["wer"] == dev_record["dev_wer"]
