@@ -32,16 +32,18 @@ def download(subset: str, out: Path, password: str | None, host: str) -> None:
 
 
 @click.command()
-@click.argument("shards", required=False, type=click.Path(path_type=Path))
+@click.argument("shards", required=False)
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Verify a checkpoint instead (or as well).")
-@click.option("--report", type=click.Path(path_type=Path), help="JSON report (default: SHARDS/verify.json).")
+@click.option("--report", type=click.Path(path_type=Path),
+              help="JSON report (default: SHARDS/verify.json; for URLs, verify_<index cache>.json here).")
 @click.option("--progress/--no-progress", default=True)
 @user_errors
-def verify(shards: Path | None, checkpoint: Path | None, report: Path | None, progress: bool) -> None:
+def verify(shards: str | None, checkpoint: Path | None, report: Path | None, progress: bool) -> None:
     """Read every member of every shard once and check it against the index; or check a checkpoint. Exit 1 if
-    anything is damaged."""
+    anything is damaged. SHARDS: a folder, or webdataset URLs as for train --shards."""
     import json
 
+    from lmu_asr.data.stream import is_url
     from lmu_asr.fileio import atomic_write
     from lmu_asr.verify import verify_checkpoint, verify_shards
 
@@ -59,13 +61,14 @@ def verify(shards: Path | None, checkpoint: Path | None, report: Path | None, pr
             click.echo(f"damaged: {res['damaged']:,} ({', '.join(f'{k} {v}' for k, v in res['by_reason'].items())})")
             for e in res["examples"][:10]:
                 click.echo(f"  {e['key']}: {e['reason']}: {e['detail']}")
-        path = report or shards / "verify.json"
+        here = Path(f"verify_{Path(res['index_cache']).name}.json")  # a read-only folder or URLs: written here
+        path = report or (here if is_url(shards) else Path(shards) / "verify.json")
         try:
             atomic_write(path, json.dumps(res, indent=1))
         except OSError:
             if report is not None:
                 raise
-            path = Path(f"verify_{shards.resolve().name}.json")  # a read-only shard folder: here instead
+            path = here
             atomic_write(path, json.dumps(res, indent=1))
         click.echo(f"report: {path}")
     if checkpoint is not None:

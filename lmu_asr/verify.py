@@ -1,10 +1,11 @@
 """``lmuasr verify``: read every byte of a shard folder once and check it against the index; or check a checkpoint.
 
-Shards: each tar is walked header by header, sequentially (big buffered reads, what a disk does fastest), and
-every member is checked against ``index.parquet``: header offset, data offset and size; the ``.npy`` header
-(float16, C order, (num_frames, 80)); finite values; the json member's text (length as indexed, already in
-normal form); members missing from the tar or present but not indexed; and at the end the per-bin mean and
-standard deviation of all features against ``meta.json``'s. Counts, the first bad keys with reasons, and the read
+Shards (a folder, or webdataset URLs: an uploaded copy is checked where it lives): each tar is walked header by
+header, sequentially (big buffered reads, what a disk does fastest; a URL is streamed once), and every member is
+checked against ``index.parquet``: header offset, data offset and size; the ``.npy`` header (float16, C order,
+(num_frames, 80)); finite values; the json member's text (length as indexed, already in normal form); members
+missing from the tar or present but not indexed; and at the end the per-bin mean and standard deviation of all
+features against ``meta.json``'s. Counts, the first bad keys with reasons, and the read
 rate go to the terminal and a JSON report; any damage means exit 1.
 
 Checkpoint: loaded safely (``weights_only``), its config rebuilt, every tensor's name and shape compared with
@@ -22,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from lmu_asr.data.shards import ShardSet, parse_npy
+from lmu_asr.data.shards import parse_npy
+from lmu_asr.data.stream import RemoteShards, open_shards, why_unreadable
 from lmu_asr.prep.shards import (
     BLOCK,
     FBANK_EXT,
@@ -68,10 +70,22 @@ def _members(f: io.BufferedReader) -> Any:
         pos += BLOCK + len(data)
 
 
-def verify_shards(directory: Path, progress: bool = True) -> dict[str, Any]:
+def _open_shard(directory: str | Path, remote: RemoteShards | None, name: str) -> Any:
+    """A shard as one sequential byte stream: the local file (None if it is not there), or its URL streamed
+    through curl or the pipe command (whose failure surfaces as an OSError when the stream ends)."""
+    if remote is None:
+        path = Path(directory) / name
+        return open(path, "rb", buffering=READ_SIZE) if path.is_file() else None
+    from webdataset.gopen import gopen
+
+    return gopen(remote.urls[remote.names.index(name)], "rb", bufsize=READ_SIZE)
+
+
+def verify_shards(directory: str | Path, progress: bool = True) -> dict[str, Any]:
+    """``directory``: a shard folder, or the shards' URLs (the index is fetched; each shard is streamed once)."""
     from tqdm import tqdm
 
-    shards = ShardSet.open(directory)
+    shards, remote = open_shards(directory)
     problems = _Problems()
     total = np.zeros(80, np.float64)
     total_sq = np.zeros(80, np.float64)
@@ -87,13 +101,13 @@ def verify_shards(directory: Path, progress: bool = True) -> dict[str, Any]:
         seen: set[str] = set()
         reported: set[str] = set()  # keys whose fbank member was already found damaged
         pending: dict[str, np.ndarray] = {}
-        path = directory / name
-        if not path.is_file():
+        stream = _open_shard(directory, remote, name)
+        if stream is None:
             for key in by_key:
                 problems.add(key, "shard_missing", name)
             continue
         try:
-            with open(path, "rb", buffering=READ_SIZE) as f:
+            with stream as f:
                 for offset, member, size, data in _members(f):
                     read_bytes += BLOCK + size
                     bar.update(BLOCK + size)
@@ -131,6 +145,16 @@ def verify_shards(directory: Path, progress: bool = True) -> dict[str, Any]:
                             problems.add(key, "missing_member", f"{key}.{ext} is not in {name}")
         except ShardError as err:
             problems.add(name, err.reason, str(err))
+        except OSError as err:
+            if remote is None:
+                raise
+            if isinstance(err.__context__, ShardError):  # the stream was cut off while a damaged member was read
+                problems.add(name, err.__context__.reason, str(err.__context__))
+            else:  # the URL could not be read (to its end): what did not come is unreadable, not missing
+                why = why_unreadable(remote.urls[remote.names.index(name)], err)
+                for key in by_key.keys() - seen:
+                    problems.add(key, "shard_unreadable", f"{name}: {why}")
+                continue
         for key in by_key.keys() - seen:
             problems.add(key, "missing_member", f"not in {name}")
     bar.close()
@@ -139,7 +163,8 @@ def verify_shards(directory: Path, progress: bool = True) -> dict[str, Any]:
     if stats["max_mean_diff"] > 1e-3 or stats["max_std_rel_diff"] > 1e-3:
         problems.add("meta.json", "stats_mismatch", f"mean differs by {stats['max_mean_diff']:.2e}, std by "
                      f"{100 * stats['max_std_rel_diff']:.3f} %")
-    return {"directory": str(directory), "shards": len(shards.shard_names), "utterances": len(shards),
+    return {"directory": str(directory), "index_cache": str(shards.directory), "shards": len(shards.shard_names),
+            "utterances": len(shards),
             "ok": ok, "damaged": sum(problems.counts.values()), "by_reason": dict(problems.counts),
             "examples": problems.examples, "gb_read": read_bytes / 1e9, "seconds": seconds,
             "gb_per_s": read_bytes / 1e9 / max(seconds, 1e-9), "stats": stats}

@@ -93,7 +93,7 @@ class RemoteShards:
             with gopen(url, "rb") as f:
                 data = f.read()
         except Exception as err:  # curl / pipe failures surface as various exception types
-            raise UserError(f"cannot fetch {name} from {url}: {_why(url, err)}") from None
+            raise UserError(f"cannot fetch {name} from {url}: {why_unreadable(url, err)}") from None
         if not data:
             raise UserError(f"cannot fetch {name} from {url}: empty answer")
         return data
@@ -104,7 +104,7 @@ _CURL = {6: "cannot resolve the host", 7: "cannot connect to the host", 22: "the
          "error (no such file, or no permission)", 28: "timed out", 35: "TLS handshake failed"}
 
 
-def _why(url: str, err: Exception) -> str:
+def why_unreadable(url: str, err: Exception) -> str:
     """One line for a failed fetch: webdataset reports a failed curl or pipe command as an OSError that holds
     the whole command line and its exit status; the status is what the user needs."""
     found = re.search(r"exit (-?\d+)", str(err))

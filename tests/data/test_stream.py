@@ -167,3 +167,31 @@ def test_a_sample_missing_from_a_streamed_eval_shard_is_reported(served: tuple[s
     res = json.loads(report.read_text())
     assert res["utterances"] == 59 and res["damaged"]["examples"][0]["key"] == key
     assert res["damaged"]["by_reason"] == {"missing_member": 1}
+
+
+def test_verify_checks_the_copy_behind_the_urls(served: tuple[str, Path], tmp_path: Path) -> None:
+    """An uploaded copy is verified where it lives: intact, a damaged member (key and reason), and a shard the
+    server no longer has (its utterances unreadable, with curl's reason; never a traceback)."""
+    url, root = served
+    code, output = run_cli("verify", url, "--report", str(tmp_path / "ok.json"), "--no-progress")
+    assert code == 0, output
+    ok = json.loads((tmp_path / "ok.json").read_text())
+    assert ok["ok"] == ok["utterances"] == len(ShardSet.open(root)) and ok["directory"] == url
+    shards = sorted(root.glob("shard-*.tar"))
+    names = []
+    rewrite_tar(shards[0], lambda name, data: names.append(name) or (
+        json.dumps({**json.loads(data), "text": "X"}).encode() if name.endswith(".json") and len(names) < 3
+        else data))
+    gone = ShardSet.open(root)
+    lost = int((gone.shard_id == gone.shard_names.index(shards[-1].name)).sum())
+    shards[-1].unlink()
+    code, output = run_cli("verify", url, "--report", str(tmp_path / "bad.json"), "--no-progress")
+    assert code == 1 and "Traceback" not in output, output
+    bad = json.loads((tmp_path / "bad.json").read_text())
+    # (the shorter json member also moves the next member: an offset mismatch; the lost shard moves the statistics)
+    assert bad["by_reason"] == {"text_mismatch": 1, "offset_mismatch": 1, "shard_unreadable": lost,
+                                "stats_mismatch": 1}, bad["by_reason"]
+    assert bad["ok"] == ok["ok"] - 1 - lost
+    unreadable = next(e for e in bad["examples"] if e["reason"] == "shard_unreadable")
+    assert unreadable["detail"] == f"{shards[-1].name}: curl exited 22 (the server answered with an HTTP error " \
+                                   "(no such file, or no permission))"
