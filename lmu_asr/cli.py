@@ -289,7 +289,8 @@ def demo(out: Path, speech_dir: Path | None, test_speakers: str, test_pattern: s
          speed_perturb: str, preset: str, epochs: int | None, sets: tuple[str, ...], utterances: int, quick: bool, jobs: int,
          beam: int, seed: int, use_lm: bool, progress: bool) -> None:
     """Build a corpus, prep, train, evaluate on held-out speakers, transcribe, bench, and write a report."""
-    from lmu_asr.demo import DemoOptions, run_demo, summary_screen
+    from lmu_asr.demo import DemoOptions, run_demo
+    from lmu_asr.demo_report import summary_screen
 
     if test_speakers and test_pattern:
         raise UserError("give --test-speakers or --test-pattern, not both")

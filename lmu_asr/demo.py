@@ -28,6 +28,7 @@ import numpy as np
 import soundfile as sf
 
 from lmu_asr import UserError
+from lmu_asr.demo_report import best_scored, error_analysis, report_markdown, segment_info
 from lmu_asr.fileio import atomic_write
 from lmu_asr.prep.features import SAMPLE_RATE, resample
 from lmu_asr.prep.minicorpus import SourceUtterance, build_gigaspeech_corpus, read_speech_dir, samples_of
@@ -280,8 +281,11 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                    "batch", "frames", "utt_per_s", "audio_s_per_s", "it_per_s", "max_rss_gb", "max_allocated_gb",
                    "mfu")}},
                "seconds": {**timings, "total": time.perf_counter() - t_start}, "curves": str(curves)}
+    segments = segment_info(corpus)
+    best = best_scored(results)
+    summary["analysis"] = error_analysis(best, results[best].get("hypotheses", []), segments)
     atomic_write(out / "summary.json", json.dumps(summary, indent=1))
-    atomic_write(out / "report.md", report_markdown(summary, results))
+    atomic_write(out / "report.md", report_markdown(summary, results, segments))
     return summary
 
 
@@ -299,43 +303,3 @@ def lm_stage(model: Any, cfg: Any, device: Any, shards: dict[str, Path], lm_dir:
     evaluate(model, ShardSet.open(shards["dev"]), cfg, device, collect=dev)
     tuned = tune(lm_dir, dev, checkpoint=checkpoint)
     return WordDecoder(lm_dir, load_options(lm_dir)), tuned
-
-
-def report_markdown(s: dict[str, Any], results: dict[str, Any]) -> str:
-    best = min(s["test"], key=lambda k: s["test"][k]["wer"])
-    errors = [h for h in results[best].get("hypotheses", []) if h[1] != h[2]][:10]
-    lm = s.get("lm")
-    lines = [
-        "# lmu-asr demo report", "",
-        f"Corpus: {s['corpus']}" + (f"; test speakers: {', '.join(s['test_speakers'])}" if s["test_speakers"]
-                                    else f"; test pattern: {s['test_pattern']}" if s["test_pattern"] else ""),
-        f"Model: preset `{s['preset']}`, {s['parameters']:,} parameters, {s['epochs']} epochs "
-        f"({s['train']['step']} steps, {s['seconds']['train']:.0f} s on this CPU).", "",
-        "| decoder (held-out test) | WER | CER | utterances |", "|---|---|---|---|",
-        *[f"| {k} | {100 * v['wer']:.2f} % | {100 * v['cer']:.2f} % | {v['utterances']} |"
-          for k, v in s["test"].items()], "",
-        (f"The word LM: a 3-gram (Kneser-Ney) of the training transcripts and their lexicon; LM weight "
-         f"{lm['options']['lm_weight']:g} and word score {lm['options']['word_score']:g} chosen on DEV "
-         f"(WER {100 * lm['dev_wer']:.2f} % there), never on TEST." if lm else "No word LM (--no-lm)."), "",
-        f"Training throughput (bench, batch {s['bench']['batch']} x {s['bench']['frames']} frames, "
-        f"{s['bench']['device']}): {s['bench']['utt_per_s']:.0f} utt/s, {s['bench']['audio_s_per_s']:.0f} "
-        f"audio-s/s, peak memory {s['bench'].get('max_allocated_gb') or s['bench']['max_rss_gb']:.2f} GB.", "",
-        "![training curves](run/curves.png)", "", "## Sample transcriptions", "",
-        "| file | reference | hypothesis |", "|---|---|---|",
-        *[f"| {Path(t['file']).name} | {t['reference']} | {t['hypothesis']} |" for t in s["transcripts"]], "",
-        f"## Some test errors ({best})", "", "| key | reference | hypothesis |", "|---|---|---|",
-        *[f"| {k} | {r} | {h} |" for k, r, h in errors], "",
-        "## Time (s)", "", "| stage | seconds |", "|---|---|",
-        *[f"| {k} | {v:.1f} |" for k, v in s["seconds"].items()], ""]
-    return "\n".join(lines)
-
-
-def summary_screen(s: dict[str, Any]) -> str:
-    return "\n".join([
-        "", "== lmu-asr demo: done",
-        "   test WER " + ", ".join(f"{100 * v['wer']:.2f} % {k}" for k, v in s["test"].items())
-        + f" ({s['test']['greedy']['utterances']} held-out utterances)",
-        f"   training: {s['train']['step']} steps in {s['seconds']['train']:.0f} s; bench "
-        f"{s['bench']['utt_per_s']:.0f} utt/s, {s['bench']['audio_s_per_s']:.0f} audio-s/s on {s['bench']['device']}",
-        f"   model: {s['checkpoint']}", f"   report: {Path(s['curves']).parent.parent / 'report.md'}",
-        f"   total {s['seconds']['total']:.0f} s"])

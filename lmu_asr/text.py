@@ -132,6 +132,31 @@ def edit_distance(ref: Sequence[object], hyp: Sequence[object]) -> int:
     return prev[-1]
 
 
+def align_words(ref: Sequence[str], hyp: Sequence[str]) -> list[tuple[str, str]]:
+    """A minimum-edit alignment of two word sequences as (reference word, hypothesis word) pairs: equal for a
+    match, different for a substitution, "" on one side for a deletion or an insertion. Its error count is
+    :func:`edit_distance`'s; among equal-cost alignments it prefers substitutions, then deletions (what a
+    reader expects to see: "TWO -> FOUR" rather than a deletion and an insertion)."""
+    n, m = len(ref), len(hyp)
+    cost = [[i + j if i == 0 or j == 0 else 0 for j in range(m + 1)] for i in range(n + 1)]
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            cost[i][j] = min(cost[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]), cost[i - 1][j] + 1, cost[i][j - 1] + 1)
+    pairs: list[tuple[str, str]] = []
+    i, j = n, m
+    while i or j:
+        if i and j and cost[i][j] == cost[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]):
+            pairs.append((ref[i - 1], hyp[j - 1]))
+            i, j = i - 1, j - 1
+        elif i and cost[i][j] == cost[i - 1][j] + 1:
+            pairs.append((ref[i - 1], ""))
+            i -= 1
+        else:
+            pairs.append(("", hyp[j - 1]))
+            j -= 1
+    return pairs[::-1]
+
+
 @dataclass
 class ErrorRates:
     """Corpus-level error counts: WER = word_errors / ref_words, CER = char_errors / ref_chars."""

@@ -87,6 +87,18 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     assert set(summary["test"]) == {"greedy", "beam8", "beam512+lm"}  # one entry per decoder, LM by default
     assert all(set(v) >= {"wer", "cer", "utterances"} for v in summary["test"].values())
     assert "| beam512+lm |" in report and "chosen on DEV" in report
+    # the error analysis: its counts add up to the best decoder's scored errors, by the user's speaker names
+    analysis, scored = summary["analysis"], json.loads((out / "run" / "eval_test.json").read_text())
+    best_scored = scored[analysis["decoder"]]
+    assert analysis["decoder"] != "beam8" and best_scored["wer"] == min(v["wer"] for k, v in scored.items()
+                                                                         if v.get("hypotheses"))
+    assert analysis["word_errors"] == best_scored["word_errors"]
+    speakers = analysis["per_speaker"]
+    assert sum(v["ref_words"] for v in speakers.values()) == best_scored["ref_words"] and len(speakers) >= 2
+    assert sum(v["word_errors"] for v in speakers.values()) == best_scored["word_errors"]
+    assert "?" not in speakers and all(f"| {spk} |" in report for spk in speakers)
+    table = report[report.index("## Some test errors"):report.index("## Time")]
+    assert "AUD" not in table  # the corpus's segment ids are mapped back to the utterances' own
     lexicon = {line.split("\t")[0] for line in (out / "lm" / "lexicon.txt").read_text().splitlines()}
     assert all(w in lexicon for t in summary["transcripts"] for w in t["hypothesis"].split())  # LM-decoded
     code, output = run_cli("transcribe", "--checkpoint", str(best[0]), "--lm", str(out / "lm"),

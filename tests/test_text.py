@@ -10,6 +10,7 @@ import pytest
 from lmu_asr.text import (
     VOCAB,
     VOCAB_SIZE,
+    align_words,
     decode_ids,
     encode,
     error_rates,
@@ -84,3 +85,22 @@ def test_wer_cer_match_jiwer() -> None:
     rates = error_rates(refs, hyps, gigaspeech_scoring=False)
     assert rates.wer == pytest.approx(jiwer.wer(refs, hyps), rel=1e-12)
     assert rates.cer == pytest.approx(jiwer.cer(refs, hyps), rel=1e-12)
+
+
+def test_word_alignment_counts_what_jiwer_counts_and_rebuilds_both_sides() -> None:
+    """The demo's confusion table comes from this alignment: its errors must be the WER's errors."""
+    rng = random.Random(2)
+    words = "ONE TWO THREE FOUR FIVE SIX".split()
+    for _ in range(300):
+        ref = [rng.choice(words) for _ in range(rng.randint(0, 8))]
+        hyp = [w if rng.random() > 0.3 else rng.choice(words) for w in ref if rng.random() > 0.15]
+        for _ in range(rng.randint(0, 2)):
+            hyp.insert(rng.randint(0, len(hyp)), rng.choice(words))
+        pairs = align_words(ref, hyp)
+        assert [r for r, _ in pairs if r] == ref and [h for _, h in pairs if h] == hyp
+        assert all(r or h for r, h in pairs)
+        if ref:
+            out = jiwer.process_words(" ".join(ref), " ".join(hyp) or "")
+            assert sum(r != h for r, h in pairs) == out.substitutions + out.deletions + out.insertions
+    assert align_words(["TWO"], ["FOUR"]) == [("TWO", "FOUR")]  # one substitution, not a deletion + insertion
+    assert align_words([], ["UH"]) == [("", "UH")] and align_words(["A"], []) == [("A", "")]

@@ -1,0 +1,102 @@
+"""The demo's ``report.md``, its closing screen, and the error analysis both show.
+
+The analysis answers what a user asks after the WER: which voices fail, and how. Test hypotheses are keyed by
+the corpus's segment ids (``AUD..._S...``); ``GigaSpeech.json`` maps them back to the user's own utterance ids
+and speakers, so the report speaks the user's names. Word errors are counted from a minimum-edit alignment
+(``text.align_words``, GigaSpeech scoring as for the WER), so the confusion counts add up to the word errors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from lmu_asr.text import ErrorRates, align_words, scoring_text
+
+TOP_CONFUSIONS = 15
+
+
+def segment_info(corpus: Path) -> dict[str, dict[str, str]]:
+    """Segment id -> {"speaker", "utterance"} from a corpus's GigaSpeech.json (the utterance: the source id the
+    segment was built from, or the segment id itself)."""
+    audios = json.loads((corpus / "GigaSpeech.json").read_text())["audios"]
+    return {seg["sid"]: {"speaker": str(seg.get("speaker", "?")), "utterance": seg.get("source_utt", seg["sid"])}
+            for audio in audios for seg in audio["segments"]}
+
+
+def error_analysis(decoder: str, hypotheses: list[tuple[str, str, str]],
+                   segments: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """WER per test speaker and the most frequent word errors of one decoder's (key, reference, hypothesis)."""
+    by_speaker: dict[str, ErrorRates] = defaultdict(ErrorRates)
+    confusions: Counter = Counter()
+    for key, ref, hyp in hypotheses:
+        by_speaker[segments.get(key, {}).get("speaker", "?")].add(ref, hyp)
+        confusions.update(pair for pair in align_words(scoring_text(ref).split(), scoring_text(hyp).split())
+                          if pair[0] != pair[1])
+    return {"decoder": decoder, "word_errors": sum(confusions.values()),
+            "per_speaker": {spk: {"wer": r.wer, "word_errors": r.word_errors, "ref_words": r.ref_words,
+                                  "utterances": r.utterances} for spk, r in sorted(by_speaker.items())},
+            "confusions": [{"reference": r, "hypothesis": h, "count": n}
+                           for (r, h), n in sorted(confusions.items(), key=lambda kv: (-kv[1], kv[0]))
+                           [:TOP_CONFUSIONS]]}
+
+
+def best_scored(results: dict[str, Any]) -> str:
+    """The decoder with the lowest test WER among those that kept their hypotheses."""
+    kept = [k for k, v in results.items() if v.get("hypotheses")]
+    return min(kept or results, key=lambda k: results[k]["wer"])
+
+
+def report_markdown(s: dict[str, Any], results: dict[str, Any], segments: dict[str, dict[str, str]]) -> str:
+    a = s["analysis"]
+    best = a["decoder"]
+    errors = [h for h in results[best].get("hypotheses", []) if h[1] != h[2]][:10]
+    lm = s.get("lm")
+    word = lambda w: w or "(none)"  # noqa: E731
+    lines = [
+        "# lmu-asr demo report", "",
+        f"Corpus: {s['corpus']}" + (f"; test speakers: {', '.join(s['test_speakers'])}" if s["test_speakers"]
+                                    else f"; test pattern: {s['test_pattern']}" if s["test_pattern"] else ""),
+        f"Model: preset `{s['preset']}`, {s['parameters']:,} parameters, {s['epochs']} epochs "
+        f"({s['train']['step']} steps, {s['seconds']['train']:.0f} s on this CPU).", "",
+        "| decoder (held-out test) | WER | CER | utterances |", "|---|---|---|---|",
+        *[f"| {k} | {100 * v['wer']:.2f} % | {100 * v['cer']:.2f} % | {v['utterances']} |"
+          for k, v in s["test"].items()], "",
+        (f"The word LM: a 3-gram (Kneser-Ney) of the training transcripts and their lexicon; LM weight "
+         f"{lm['options']['lm_weight']:g} and word score {lm['options']['word_score']:g} chosen on DEV "
+         f"(WER {100 * lm['dev_wer']:.2f} % there), never on TEST." if lm else "No word LM (--no-lm)."), "",
+        f"Training throughput (bench, batch {s['bench']['batch']} x {s['bench']['frames']} frames, "
+        f"{s['bench']['device']}): {s['bench']['utt_per_s']:.0f} utt/s, {s['bench']['audio_s_per_s']:.0f} "
+        f"audio-s/s, peak memory {s['bench'].get('max_allocated_gb') or s['bench']['max_rss_gb']:.2f} GB.", "",
+        "![training curves](run/curves.png)", "", "## Sample transcriptions", "",
+        "| file | reference | hypothesis |", "|---|---|---|",
+        *[f"| {Path(t['file']).name} | {t['reference']} | {t['hypothesis']} |" for t in s["transcripts"]], "",
+        f"## Test WER by speaker ({best})", "", "| speaker | WER | words | utterances |", "|---|---|---|---|",
+        *[f"| {spk} | {100 * v['wer']:.2f} % | {v['ref_words']} | {v['utterances']} |"
+          for spk, v in a["per_speaker"].items()], "",
+        f"## Most frequent word errors ({best}; {a['word_errors']} in all)", "",
+        "| reference | hypothesis | count |", "|---|---|---|",
+        *[f"| {word(c['reference'])} | {word(c['hypothesis'])} | {c['count']} |" for c in a["confusions"]], "",
+        f"## Some test errors ({best})", "", "| utterance | speaker | reference | hypothesis |", "|---|---|---|---|",
+        *[f"| {segments.get(k, {}).get('utterance', k)} | {segments.get(k, {}).get('speaker', '?')} | {r} | {h} |"
+          for k, r, h in errors], "",
+        "## Time (s)", "", "| stage | seconds |", "|---|---|",
+        *[f"| {k} | {v:.1f} |" for k, v in s["seconds"].items()], ""]
+    return "\n".join(lines)
+
+
+def summary_screen(s: dict[str, Any]) -> str:
+    a = s.get("analysis") or {}
+    top = ", ".join(f"{c['reference'] or '(none)'} -> {c['hypothesis'] or '(none)'} ({c['count']})"
+                    for c in a.get("confusions", [])[:3])
+    return "\n".join([
+        "", "== lmu-asr demo: done",
+        "   test WER " + ", ".join(f"{100 * v['wer']:.2f} % {k}" for k, v in s["test"].items())
+        + f" ({s['test']['greedy']['utterances']} held-out utterances)",
+        *([f"   most frequent word errors ({a['decoder']}): {top}"] if top else []),
+        f"   training: {s['train']['step']} steps in {s['seconds']['train']:.0f} s; bench "
+        f"{s['bench']['utt_per_s']:.0f} utt/s, {s['bench']['audio_s_per_s']:.0f} audio-s/s on {s['bench']['device']}",
+        f"   model: {s['checkpoint']}", f"   report: {Path(s['curves']).parent.parent / 'report.md'}",
+        f"   total {s['seconds']['total']:.0f} s"])
