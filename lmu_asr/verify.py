@@ -5,8 +5,8 @@ header, sequentially (big buffered reads, what a disk does fastest; a URL is str
 checked against ``index.parquet``: header offset, data offset and size; the ``.npy`` header (float16, C order,
 (num_frames, 80)); finite values; the json member's text (length as indexed, already in normal form); members
 missing from the tar or present but not indexed; and at the end the per-bin mean and standard deviation of all
-features against ``meta.json``'s. Counts, the first bad keys with reasons, and the read
-rate go to the terminal and a JSON report; any damage means exit 1.
+features against ``meta.json``'s. Counts, the first bad keys with reasons, and the read rate go to the terminal
+and a JSON report; any damage means exit 1.
 
 Checkpoint: loaded safely (``weights_only``), its config rebuilt, every tensor's name and shape compared with
 the model that config builds, values checked finite, one forward pass on a second of silence.
@@ -164,8 +164,7 @@ def verify_shards(directory: str | Path, progress: bool = True) -> dict[str, Any
         problems.add("meta.json", "stats_mismatch", f"mean differs by {stats['max_mean_diff']:.2e}, std by "
                      f"{100 * stats['max_std_rel_diff']:.3f} %")
     return {"directory": str(directory), "index_cache": str(shards.directory), "shards": len(shards.shard_names),
-            "utterances": len(shards),
-            "ok": ok, "damaged": sum(problems.counts.values()), "by_reason": dict(problems.counts),
+            "utterances": len(shards), "ok": ok, "damaged": sum(problems.counts.values()), "by_reason": dict(problems.counts),
             "examples": problems.examples, "gb_read": read_bytes / 1e9, "seconds": seconds,
             "gb_per_s": read_bytes / 1e9 / max(seconds, 1e-9), "stats": stats}
 
