@@ -187,6 +187,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from lmu_asr.train.metrics import plot_run
 
     out, t_start = opts.out, time.perf_counter()
+    if opts.speech_dir is not None:  # a wrong folder or split is refused before --out records these options
+        assign_speech_dir(opts)
     (out / "corpus").mkdir(parents=True, exist_ok=True)
     spec_file = out / "demo.json"
     spec = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k not in ("progress", "jobs", "lm")}

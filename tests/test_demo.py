@@ -136,3 +136,5 @@ def test_demo_user_errors(tmp_path: Path, args: list[str], message: str) -> None
         pytest.skip("needs ../shared/data/fsdd")
     code, output = run_cli("demo", "--out", str(tmp_path / "d"), *args)
     assert code == 2 and message in output and "Traceback" not in output
+    assert not (tmp_path / "d" / "demo.json").exists()  # refused before --out records the options: a corrected
+    # rerun into the same --out is not told that it "holds a demo run with other options"
