@@ -185,6 +185,7 @@ def eval_cmd(checkpoint: Path, shards: str, beam: int, report: Path | None, devi
 
     from lmu_asr.data.stream import open_shards
     from lmu_asr.fileio import atomic_write as atomic_write_text
+    from lmu_asr.text import TOP_CONFUSIONS, confusion_line, word_confusions
     from lmu_asr.train.checkpoint import model_from_checkpoint
     from lmu_asr.train.evaluate import evaluate
 
@@ -200,12 +201,16 @@ def eval_cmd(checkpoint: Path, shards: str, beam: int, report: Path | None, devi
 
         res["lm"] = {"dir": str(lm_dir), **describe(words.opts)}
     name = shard_set.directory.name if remote else Path(shards).resolve().name  # URLs: the index cache's name
+    confusions = word_confusions((ref, hyp) for _, ref, hyp in res["hypotheses"])
+    res["confusions"] = confusions[:TOP_CONFUSIONS]
     report = report or checkpoint.parent / f"eval_{name}_{label.replace('+', '_')}.json"
     atomic_write_text(report, json.dumps({"checkpoint": str(checkpoint), "shards": str(shards), **res}, indent=1))
     detail = (f"{label}, LM weight {words.opts.lm_weight:g}, word score {words.opts.word_score:g}" if words
               else label.replace("beam", "beam "))
     click.echo(f"WER {100 * res['wer']:.2f} %  CER {100 * res['cer']:.2f} %  ({res['utterances']} utterances, "
                f"{res['ref_words']} words, {detail})")
+    if confusions:
+        click.echo(f"most frequent word errors: {confusion_line(confusions)}")
     click.echo(f"report: {report}")
     lost = res["damaged"]
     if lost["count"]:  # a score over part of the set: said, and not a success

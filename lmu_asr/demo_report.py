@@ -9,13 +9,11 @@ and speakers, so the report speaks the user's names. Word errors are counted fro
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from lmu_asr.text import ErrorRates, align_words, scoring_text
-
-TOP_CONFUSIONS = 15
+from lmu_asr.text import TOP_CONFUSIONS, ErrorRates, confusion_line, word_confusions
 
 
 def segment_info(corpus: Path) -> dict[str, dict[str, str]]:
@@ -30,17 +28,13 @@ def error_analysis(decoder: str, hypotheses: list[tuple[str, str, str]],
                    segments: dict[str, dict[str, str]]) -> dict[str, Any]:
     """WER per test speaker and the most frequent word errors of one decoder's (key, reference, hypothesis)."""
     by_speaker: dict[str, ErrorRates] = defaultdict(ErrorRates)
-    confusions: Counter = Counter()
     for key, ref, hyp in hypotheses:
         by_speaker[segments.get(key, {}).get("speaker", "?")].add(ref, hyp)
-        confusions.update(pair for pair in align_words(scoring_text(ref).split(), scoring_text(hyp).split())
-                          if pair[0] != pair[1])
-    return {"decoder": decoder, "word_errors": sum(confusions.values()),
+    confusions = word_confusions((ref, hyp) for _, ref, hyp in hypotheses)
+    return {"decoder": decoder, "word_errors": sum(int(c["count"]) for c in confusions),
             "per_speaker": {spk: {"wer": r.wer, "word_errors": r.word_errors, "ref_words": r.ref_words,
                                   "utterances": r.utterances} for spk, r in sorted(by_speaker.items())},
-            "confusions": [{"reference": r, "hypothesis": h, "count": n}
-                           for (r, h), n in sorted(confusions.items(), key=lambda kv: (-kv[1], kv[0]))
-                           [:TOP_CONFUSIONS]]}
+            "confusions": confusions[:TOP_CONFUSIONS]}
 
 
 def best_scored(results: dict[str, Any]) -> str:
@@ -89,8 +83,7 @@ def report_markdown(s: dict[str, Any], results: dict[str, Any], segments: dict[s
 
 def summary_screen(s: dict[str, Any]) -> str:
     a = s.get("analysis") or {}
-    top = ", ".join(f"{c['reference'] or '(none)'} -> {c['hypothesis'] or '(none)'} ({c['count']})"
-                    for c in a.get("confusions", [])[:3])
+    top = confusion_line(a.get("confusions", []))
     return "\n".join([
         "", "== lmu-asr demo: done",
         "   test WER " + ", ".join(f"{100 * v['wer']:.2f} % {k}" for k, v in s["test"].items())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -155,6 +156,26 @@ def align_words(ref: Sequence[str], hyp: Sequence[str]) -> list[tuple[str, str]]
             pairs.append(("", hyp[j - 1]))
             j -= 1
     return pairs[::-1]
+
+
+TOP_CONFUSIONS = 15  # how many of them reports keep
+
+
+def word_confusions(pairs: Iterable[tuple[str, str]]) -> list[dict[str, str | int]]:
+    """Every word error of (reference, hypothesis) texts, GigaSpeech-scored and aligned by :func:`align_words`,
+    as [{"reference", "hypothesis", "count"}] ("" for a deletion's hypothesis or an insertion's reference), most
+    frequent first; the counts add up to the WER's word errors."""
+    counts: Counter = Counter()
+    for ref, hyp in pairs:
+        counts.update(p for p in align_words(scoring_text(ref).split(), scoring_text(hyp).split()) if p[0] != p[1])
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [{"reference": r, "hypothesis": h, "count": n} for (r, h), n in ranked]
+
+
+def confusion_line(confusions: list[dict[str, str | int]], n: int = 3) -> str:
+    """``TWO -> FOUR (38), ...``: the first ``n`` confusions for a terminal line."""
+    return ", ".join(f"{c['reference'] or '(none)'} -> {c['hypothesis'] or '(none)'} ({c['count']})"
+                     for c in confusions[:n])
 
 
 @dataclass

@@ -11,12 +11,14 @@ from lmu_asr.text import (
     VOCAB,
     VOCAB_SIZE,
     align_words,
+    confusion_line,
     decode_ids,
     encode,
     error_rates,
     normalize_transcript,
     number_to_words,
     scoring_text,
+    word_confusions,
 )
 
 
@@ -104,3 +106,13 @@ def test_word_alignment_counts_what_jiwer_counts_and_rebuilds_both_sides() -> No
             assert sum(r != h for r, h in pairs) == out.substitutions + out.deletions + out.insertions
     assert align_words(["TWO"], ["FOUR"]) == [("TWO", "FOUR")]  # one substitution, not a deletion + insertion
     assert align_words([], ["UH"]) == [("", "UH")] and align_words(["A"], []) == [("A", "")]
+
+
+def test_word_confusions_rank_and_add_up_to_the_word_errors() -> None:
+    pairs = [("TWO THREE", "FOUR THREE"), ("two", "FOUR"), ("ONE", ""), ("UH SIX", "SIX SIX")]
+    confusions = word_confusions(pairs)
+    assert confusions == [{"reference": "TWO", "hypothesis": "FOUR", "count": 2},
+                          {"reference": "", "hypothesis": "SIX", "count": 1},  # UH does not score (GigaSpeech)
+                          {"reference": "ONE", "hypothesis": "", "count": 1}]
+    assert sum(c["count"] for c in confusions) == error_rates(*zip(*pairs, strict=True)).word_errors
+    assert confusion_line(confusions, 2) == "TWO -> FOUR (2), (none) -> SIX (1)"

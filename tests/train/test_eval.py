@@ -68,6 +68,13 @@ def test_eval_matches_decoding_each_utterance_alone(trained: Path, dev_shards: P
     assert res["utterances"] == len(shards)
     assert res["wer"] == pytest.approx(alone.wer) and res["cer"] == pytest.approx(alone.cer)
     assert sorted((h[1], h[2]) for h in res["hypotheses"]) == sorted(zip(refs, hyps, strict=True))
+    counts = [c["count"] for c in res["confusions"]]  # the most frequent word errors, first ones printed
+    assert counts == sorted(counts, reverse=True) and sum(counts) <= res["word_errors"]
+    assert len(counts) == 15 or sum(counts) == res["word_errors"]
+    if res["confusions"]:
+        first = res["confusions"][0]
+        assert f"most frequent word errors: {first['reference'] or '(none)'} -> " \
+            f"{first['hypothesis'] or '(none)'} ({first['count']})" in output
     code, output = run_cli("eval", "--checkpoint", str(ckpt), "--shards", str(dev_shards), "--beam", "4",
                            "--report", str(tmp_path / "beam.json"))
     assert code == 0 and "beam 4" in output
