@@ -200,7 +200,7 @@ def eval_cmd(checkpoint: Path, shards: str, beam: int, report: Path | None, devi
         from lmu_asr.lm.decode import describe
 
         res["lm"] = {"dir": str(lm_dir), **describe(words.opts)}
-    name = shard_set.directory.name if remote else Path(shards).resolve().name  # URLs: the index cache's name
+    name = remote.label if remote else Path(shards).resolve().name
     confusions = word_confusions((ref, hyp) for _, ref, hyp in res["hypotheses"])
     res["confusions"] = confusions[:TOP_CONFUSIONS]
     report = report or checkpoint.parent / f"eval_{name}_{label.replace('+', '_')}.json"

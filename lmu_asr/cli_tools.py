@@ -35,7 +35,7 @@ def download(subset: str, out: Path, password: str | None, host: str) -> None:
 @click.argument("shards", required=False)
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Verify a checkpoint instead (or as well).")
 @click.option("--report", type=click.Path(path_type=Path),
-              help="JSON report (default: SHARDS/verify.json; for URLs, verify_<index cache>.json here).")
+              help="JSON report (default: SHARDS/verify.json; for URLs, verify_<their folder>.json here).")
 @click.option("--progress/--no-progress", default=True)
 @user_errors
 def verify(shards: str | None, checkpoint: Path | None, report: Path | None, progress: bool) -> None:
@@ -61,7 +61,7 @@ def verify(shards: str | None, checkpoint: Path | None, report: Path | None, pro
             click.echo(f"damaged: {res['damaged']:,} ({', '.join(f'{k} {v}' for k, v in res['by_reason'].items())})")
             for e in res["examples"][:10]:
                 click.echo(f"  {e['key']}: {e['reason']}: {e['detail']}")
-        here = Path(f"verify_{Path(res['index_cache']).name}.json")  # a read-only folder or URLs: written here
+        here = Path(f"verify_{res['label']}.json")  # a read-only folder or URLs: written here
         path = report or (here if is_url(shards) else Path(shards) / "verify.json")
         try:
             atomic_write(path, json.dumps(res, indent=1))

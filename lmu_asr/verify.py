@@ -163,7 +163,8 @@ def verify_shards(directory: str | Path, progress: bool = True) -> dict[str, Any
     if stats["max_mean_diff"] > 1e-3 or stats["max_std_rel_diff"] > 1e-3:
         problems.add("meta.json", "stats_mismatch", f"mean differs by {stats['max_mean_diff']:.2e}, std by "
                      f"{100 * stats['max_std_rel_diff']:.3f} %")
-    return {"directory": str(directory), "index_cache": str(shards.directory), "shards": len(shards.shard_names),
+    return {"directory": str(directory), "label": remote.label if remote else Path(directory).resolve().name,
+            "index_cache": str(shards.directory), "shards": len(shards.shard_names),
             "utterances": len(shards), "ok": ok, "damaged": sum(problems.counts.values()), "by_reason": dict(problems.counts),
             "examples": problems.examples, "gb_read": read_bytes / 1e9, "seconds": seconds,
             "gb_per_s": read_bytes / 1e9 / max(seconds, 1e-9), "stats": stats}

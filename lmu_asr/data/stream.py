@@ -79,6 +79,14 @@ class RemoteShards:
     def names(self) -> list[str]:
         return [_TAR.findall(u)[-1] for u in self.urls]
 
+    @property
+    def label(self) -> str:
+        """A short name for reports: the folder the shards sit in (``gs-dev`` of ``s3://b/gs-dev/shard-...``)."""
+        url = self.urls[0]
+        folder = re.split(r"[/\s:]+", url[: list(_TAR.finditer(url))[-1].start()].rstrip("/"))[-1]
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", folder).strip("._")
+        return name or "remote"
+
     def sibling(self, name: str) -> str:
         """The URL (or command) of a file next to the shards: the shard's file name replaced by ``name``."""
         url = self.urls[0]

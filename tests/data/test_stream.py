@@ -105,6 +105,9 @@ def test_siblings_and_merge_order() -> None:
     assert r.sibling("meta.json") == "pipe:aws s3 cp s3://b/x/meta.json -" and r.names == ["shard-000003.tar"]
     h = RemoteShards("https://h/p/shard-{1..2}.tar", ["https://h/p/shard-1.tar", "https://h/p/shard-2.tar"])
     assert h.sibling("index.parquet") == "https://h/p/index.parquet"
+    assert h.label == "p" and r.label == "x"  # reports are named after the shards' folder
+    assert RemoteShards("file:shard-1.tar", ["file:shard-1.tar"]).label == "remote"  # no folder in the URL
+    assert RemoteShards("pipe:cat s/shard-1.tar", ["pipe:cat s/shard-1.tar"]).label == "s"
     assert interleave([[1, 2, 3], [4], [5, 6]]) == [(0, 0), (1, 0), (2, 0), (0, 1), (2, 1), (0, 2)]
 
 
