@@ -19,8 +19,8 @@ member. Workers' batches are merged in a fixed round-robin order, so the run is 
 worker count. Resume is exact: a resumed worker restarts reading at the first shard it still needs (shard
 granularity of the *reading*) and emits exactly the batches an uninterrupted run would have.
 
-Evaluation (``--dev-shards``, ``eval``, ``tune-lm``) streams the same way, with a plan of its own
-(:func:`eval_stream_plan`): every readable utterance once, no shuffle, sorted by length within windows.
+Evaluation (``--dev-shards``, ``eval``, ``tune-lm``, and ``verify`` reads each shard once) streams the same way, with
+a plan of its own (:func:`eval_stream_plan`): every readable utterance once, no shuffle.
 """
 
 from __future__ import annotations
@@ -179,25 +179,18 @@ def eval_stream_plan(shards: ShardSet, cfg: DataConfig, downsample: int, rank: i
     """Evaluation from URLs: every readable utterance once, as ``sampler.eval_plan`` scores a local set.
 
     The shards keep their stored order (a score does not depend on it), cut into contiguous pieces per rank and
-    per worker by frames, as in training. A random-access plan sorts the whole set by length; a stream cannot
-    without holding all of it, so each run of ``shuffle_buffer`` consecutive utterances (at least 64) is sorted
-    and batched on its own: a worker holds at most one run of samples, and padding stays close to the sorted
-    plan's."""
+    per worker by frames, as in training; each worker's stream goes through the bucketer unshuffled. A batch
+    pads to its bucket's length however its rows are ordered, so this pads as little as the folder's
+    length-sorted plan (only the last, partial batch of each bucket differs), and a worker holds at most one
+    unfilled batch per bucket."""
     eval_cfg, stats = eval_setup(shards, cfg)
     mask = shards.usable
     frames = np.bincount(shards.shard_id[mask], weights=shards.num_frames[mask], minlength=len(shards.shard_names))
     mine = _split(frames, world)[rank]
-    window = max(cfg.shuffle_buffer, 64)
     plans, shard_lists = [], []
     for piece in _split(frames[mine], max(1, workers)):
         ids = mine[piece]
-        rows = _read_order(shards, mask, ids)
-        batches: list[Batch] = []
-        for start in range(0, len(rows), window):
-            run = rows[start:start + window]
-            batches += make_batches(run[np.argsort(shards.num_frames[run], kind="stable")], shards, eval_cfg,
-                                    downsample, stats)
-        plans.append(batches)
+        plans.append(make_batches(_read_order(shards, mask, ids), shards, eval_cfg, downsample, stats))
         shard_lists.append(ids.tolist())
     return plans, shard_lists, stats
 

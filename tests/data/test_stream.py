@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lmu_asr.config import DataConfig
+from lmu_asr.data.sampler import bucket_lengths, capacity, eval_plan, eval_setup
 from lmu_asr.data.shards import ShardSet
 from lmu_asr.data.stream import RemoteShards, eval_stream_plan, interleave
 from tests.helpers import run_cli
@@ -137,11 +138,16 @@ def test_eval_and_dev_shards_from_urls_score_what_the_folder_scores(served: tupl
     assert dev_record["dev_loss"] == pytest.approx(local_res["loss"], rel=1e-4)
 
 
-def test_streamed_eval_plan_covers_every_utterance_once_within_windows(synth_shards: Path) -> None:
-    """Two ranks of two workers each: every readable utterance in exactly one batch, and every batch drawn from
-    one window of consecutive utterances of its worker's stream (what bounds a worker's memory)."""
-    shards = ShardSet.open(synth_shards)
-    cfg = DataConfig(shuffle_buffer=16, batch_frames=2000)
+def test_streamed_eval_plan_covers_every_utterance_once_and_holds_little(tmp_path: Path) -> None:
+    """Two ranks of two workers each over 4,000 utterances in 12 shards (an index only): every readable
+    utterance in exactly one batch; a worker never holds more samples than one batch per bucket (about 240,
+    not its ~1,000: a length-sorted plan would have to hold them all); one stream pads exactly as the folder's
+    length-sorted plan."""
+    from lmu_asr.bench.synthetic import make_sparse_files, write_synthetic_shards
+
+    make_sparse_files(write_synthetic_shards(tmp_path / "s", 4000, 12, with_data=False))
+    shards = ShardSet.open(tmp_path / "s")
+    cfg = DataConfig(batch_frames=8000)
     seen = []
     for rank in range(2):
         plans, shard_lists, _ = eval_stream_plan(shards, cfg, 2, rank, 2, workers=2)
@@ -149,11 +155,21 @@ def test_streamed_eval_plan_covers_every_utterance_once_within_windows(synth_sha
             stream = [i for s in ids for i in sorted(np.flatnonzero(shards.shard_id == s),
                                                      key=lambda i: shards.position[i])]
             where = {i: k for k, i in enumerate(stream)}
+            done = np.zeros(len(stream), np.int64)  # when each sample's batch goes out: batches leave in plan
+            out = 0  # order, each as soon as its last member has arrived (StreamDataset)
             for b in plan:
-                pos = {where[int(i)] // 64 for i in b.indices}  # the window: max(shuffle_buffer, 64) rows
-                assert len(pos) == 1, pos
+                out = max(out, max(where[int(i)] for i in b.indices))
+                for i in b.indices:
+                    done[where[int(i)]] = out
                 seen += b.indices.tolist()
+            # held once sample t has arrived: the t + 1 arrived so far, less those whose batch went out by then
+            held = np.arange(1, len(stream) + 1) - np.bincount(done, minlength=len(stream)).cumsum()
+            eval_cfg, _ = eval_setup(shards, cfg)
+            assert 0 < held.max() <= sum(capacity(eval_cfg, b) for b in bucket_lengths(eval_cfg, 2)) < len(stream) / 3
     assert sorted(seen) == np.flatnonzero(shards.usable).tolist()
+    (plan,), _, stats = eval_stream_plan(shards, cfg, 2, 0, 1, workers=1)
+    local, local_stats = eval_plan(shards, cfg, 2)
+    assert stats.padded_frames == local_stats.padded_frames and len(plan) == len(local)
 
 
 def test_a_sample_missing_from_a_streamed_eval_shard_is_reported(served: tuple[str, Path], tiny_run: Path,
