@@ -26,6 +26,8 @@ from lmu_asr.cli_common import (  # noqa: F401
     word_decoder,
 )
 
+MAX_SPEAKERS_SHOWN = 8  # eval's screen line: a corpus of thousands of speakers shows its worst, the report all
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lmuasr")
@@ -185,7 +187,7 @@ def eval_cmd(checkpoint: Path, shards: str, beam: int, report: Path | None, devi
 
     from lmu_asr.data.stream import open_shards
     from lmu_asr.fileio import atomic_write as atomic_write_text
-    from lmu_asr.text import TOP_CONFUSIONS, confusion_line, word_confusions
+    from lmu_asr.text import TOP_CONFUSIONS, confusion_line, rates_by_group, word_confusions
     from lmu_asr.train.checkpoint import model_from_checkpoint
     from lmu_asr.train.evaluate import evaluate
 
@@ -203,6 +205,9 @@ def eval_cmd(checkpoint: Path, shards: str, beam: int, report: Path | None, devi
     name = remote.label if remote else Path(shards).resolve().name
     confusions = word_confusions((ref, hyp) for _, ref, hyp in res["hypotheses"])
     res["confusions"] = confusions[:TOP_CONFUSIONS]
+    speakers = shard_set.speakers()
+    if len(set(speakers.values())) > 1:  # the index names the speakers: which voices fail
+        res["per_speaker"] = rates_by_group(res["hypotheses"], speakers)
     report = report or checkpoint.parent / f"eval_{name}_{label.replace('+', '_')}.json"
     atomic_write_text(report, json.dumps({"checkpoint": str(checkpoint), "shards": str(shards), **res}, indent=1))
     detail = (f"{label}, LM weight {words.opts.lm_weight:g}, word score {words.opts.word_score:g}" if words
@@ -211,6 +216,11 @@ def eval_cmd(checkpoint: Path, shards: str, beam: int, report: Path | None, devi
                f"{res['ref_words']} words, {detail})")
     if confusions:
         click.echo(f"most frequent word errors: {confusion_line(confusions)}")
+    if "per_speaker" in res:
+        by = sorted(res["per_speaker"].items(), key=lambda kv: -kv[1]["wer"])
+        shown = ", ".join(f"{spk} {100 * v['wer']:.2f} %" for spk, v in by[:MAX_SPEAKERS_SHOWN])
+        more = ", worst first, all in the report" if len(by) > MAX_SPEAKERS_SHOWN else ""
+        click.echo(f"WER by speaker ({len(by)}{more}): {shown}")
     click.echo(f"report: {report}")
     lost = res["damaged"]
     if lost["count"]:  # a score over part of the set: said, and not a success

@@ -9,11 +9,10 @@ and speakers, so the report speaks the user's names. Word errors are counted fro
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from lmu_asr.text import TOP_CONFUSIONS, ErrorRates, confusion_line, word_confusions
+from lmu_asr.text import TOP_CONFUSIONS, confusion_line, rates_by_group, word_confusions
 
 
 def segment_info(corpus: Path) -> dict[str, dict[str, str]]:
@@ -27,13 +26,9 @@ def segment_info(corpus: Path) -> dict[str, dict[str, str]]:
 def error_analysis(decoder: str, hypotheses: list[tuple[str, str, str]],
                    segments: dict[str, dict[str, str]]) -> dict[str, Any]:
     """WER per test speaker and the most frequent word errors of one decoder's (key, reference, hypothesis)."""
-    by_speaker: dict[str, ErrorRates] = defaultdict(ErrorRates)
-    for key, ref, hyp in hypotheses:
-        by_speaker[segments.get(key, {}).get("speaker", "?")].add(ref, hyp)
     confusions = word_confusions((ref, hyp) for _, ref, hyp in hypotheses)
     return {"decoder": decoder, "word_errors": sum(int(c["count"]) for c in confusions),
-            "per_speaker": {spk: {"wer": r.wer, "word_errors": r.word_errors, "ref_words": r.ref_words,
-                                  "utterances": r.utterances} for spk, r in sorted(by_speaker.items())},
+            "per_speaker": rates_by_group(hypotheses, {k: v["speaker"] for k, v in segments.items()}),
             "confusions": confusions[:TOP_CONFUSIONS]}
 
 

@@ -172,6 +172,17 @@ def word_confusions(pairs: Iterable[tuple[str, str]]) -> list[dict[str, str | in
     return [{"reference": r, "hypothesis": h, "count": n} for (r, h), n in ranked]
 
 
+def rates_by_group(hypotheses: Iterable[tuple[str, str, str]], group_of: dict[str, str]
+                   ) -> dict[str, dict[str, float | int]]:
+    """WER, word errors, reference words and utterances per group (e.g. speaker) of (key, reference, hypothesis)
+    triples; keys without a group go to "?". The groups' errors and words add up to the corpus totals."""
+    groups: dict[str, ErrorRates] = {}
+    for key, ref, hyp in hypotheses:
+        groups.setdefault(group_of.get(key, "?"), ErrorRates()).add(ref, hyp)
+    return {g: {"wer": r.wer, "word_errors": r.word_errors, "ref_words": r.ref_words, "utterances": r.utterances}
+            for g, r in sorted(groups.items())}
+
+
 def confusion_line(confusions: list[dict[str, str | int]], n: int = 3) -> str:
     """``TWO -> FOUR (38), ...``: the first ``n`` confusions for a terminal line."""
     return ", ".join(f"{c['reference'] or '(none)'} -> {c['hypothesis'] or '(none)'} ({c['count']})"

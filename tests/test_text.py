@@ -17,6 +17,7 @@ from lmu_asr.text import (
     error_rates,
     normalize_transcript,
     number_to_words,
+    rates_by_group,
     scoring_text,
     word_confusions,
 )
@@ -116,3 +117,13 @@ def test_word_confusions_rank_and_add_up_to_the_word_errors() -> None:
                           {"reference": "ONE", "hypothesis": "", "count": 1}]
     assert sum(c["count"] for c in confusions) == error_rates(*zip(*pairs, strict=True)).word_errors
     assert confusion_line(confusions, 2) == "TWO -> FOUR (2), (none) -> SIX (1)"
+
+
+def test_rates_by_group_add_up_to_the_corpus() -> None:
+    hyps = [("a", "ONE TWO", "ONE TOO"), ("b", "THREE", "THREE"), ("c", "FOUR FIVE", ""), ("d", "SIX", "SIX SIX")]
+    groups = rates_by_group(hyps, {"a": "x", "b": "x", "c": "y"})
+    assert groups == {"?": {"wer": 1.0, "word_errors": 1, "ref_words": 1, "utterances": 1},
+                      "x": {"wer": 1 / 3, "word_errors": 1, "ref_words": 3, "utterances": 2},
+                      "y": {"wer": 1.0, "word_errors": 2, "ref_words": 2, "utterances": 1}}
+    total = error_rates([h[1] for h in hyps], [h[2] for h in hyps])
+    assert sum(g["word_errors"] for g in groups.values()) == total.word_errors

@@ -201,6 +201,17 @@ class ShardSet:
     def key(self, i: int) -> str:
         return str(self.keys_array[i].as_py()) if self.keys_array is not None else str(i)
 
+    def speakers(self) -> dict[str, str]:
+        """Key -> speaker, read from index.parquet on demand (evaluation reports only: training never needs it,
+        so the memory-mapped index does not carry it). Empty if the index names no speakers."""
+        import pyarrow.parquet as pq
+
+        index = self.directory / "index.parquet"
+        if not index.is_file() or "speaker" not in pq.read_schema(index).names:
+            return {}
+        table = pq.read_table(index, columns=["key", "speaker"]).to_pydict()
+        return {k: s for k, s in zip(table["key"], table["speaker"], strict=True) if s}
+
     @property
     def compressed(self) -> bool:
         return self.meta.get("compress") == "zstd"

@@ -134,6 +134,7 @@ def test_eval_and_dev_shards_from_urls_score_what_the_folder_scores(served: tupl
     assert url_res["utterances"] == local_res["utterances"] == len(ShardSet.open(synth_shards))
     assert sorted(url_res["hypotheses"]) == sorted(local_res["hypotheses"])
     assert url_res["wer"] == local_res["wer"] == dev_record["dev_wer"]
+    assert url_res["per_speaker"] == local_res["per_speaker"] and len(url_res["per_speaker"]) > 1  # fetched index
     assert url_res["loss"] == pytest.approx(local_res["loss"], rel=1e-4)
     assert dev_record["dev_loss"] == pytest.approx(local_res["loss"], rel=1e-4)
 

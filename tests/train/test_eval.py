@@ -71,6 +71,13 @@ def test_eval_matches_decoding_each_utterance_alone(trained: Path, dev_shards: P
     counts = [c["count"] for c in res["confusions"]]  # the most frequent word errors, first ones printed
     assert counts == sorted(counts, reverse=True) and sum(counts) <= res["word_errors"]
     assert len(counts) == 15 or sum(counts) == res["word_errors"]
+    import pyarrow.parquet as pq
+
+    index = pq.read_table(dev_shards / "index.parquet", columns=["speaker"]).column("speaker").to_pylist()
+    by_speaker = res["per_speaker"]  # the index names FSDD's speakers: each one's share adds up to the totals
+    assert {k: v["utterances"] for k, v in by_speaker.items()} == {s: index.count(s) for s in set(index)}
+    assert sum(v["word_errors"] for v in by_speaker.values()) == res["word_errors"]
+    assert f"WER by speaker ({len(by_speaker)}): " in output
     if res["confusions"]:
         first = res["confusions"][0]
         assert f"most frequent word errors: {first['reference'] or '(none)'} -> " \
