@@ -185,7 +185,7 @@ def eval_cmd(checkpoint: Path, shards: str, beam: int, report: Path | None, devi
 
     import torch
 
-    from lmu_asr.data.stream import open_shards
+    from lmu_asr.data.stream import open_shards, set_label
     from lmu_asr.fileio import atomic_write as atomic_write_text
     from lmu_asr.text import TOP_CONFUSIONS, confusion_line, rates_by_group, word_confusions
     from lmu_asr.train.checkpoint import model_from_checkpoint
@@ -202,13 +202,12 @@ def eval_cmd(checkpoint: Path, shards: str, beam: int, report: Path | None, devi
         from lmu_asr.lm.decode import describe
 
         res["lm"] = {"dir": str(lm_dir), **describe(words.opts)}
-    name = remote.label if remote else Path(shards).resolve().name
     confusions = word_confusions((ref, hyp) for _, ref, hyp in res["hypotheses"])
     res["confusions"] = confusions[:TOP_CONFUSIONS]
     speakers = shard_set.speakers()
     if len(set(speakers.values())) > 1:  # the index names the speakers: which voices fail
         res["per_speaker"] = rates_by_group(res["hypotheses"], speakers)
-    report = report or checkpoint.parent / f"eval_{name}_{label.replace('+', '_')}.json"
+    report = report or checkpoint.parent / f"eval_{set_label(shards, remote)}_{label.replace('+', '_')}.json"
     atomic_write_text(report, json.dumps({"checkpoint": str(checkpoint), "shards": str(shards), **res}, indent=1))
     detail = (f"{label}, LM weight {words.opts.lm_weight:g}, word score {words.opts.word_score:g}" if words
               else label.replace("beam", "beam "))

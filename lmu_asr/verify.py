@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lmu_asr.data.shards import parse_npy
-from lmu_asr.data.stream import RemoteShards, open_shards, why_unreadable
+from lmu_asr.data.stream import RemoteShards, open_shards, set_label, why_unreadable
 from lmu_asr.prep.shards import (
     BLOCK,
     FBANK_EXT,
@@ -78,7 +78,7 @@ def _open_shard(directory: str | Path, remote: RemoteShards | None, name: str) -
         return open(path, "rb", buffering=READ_SIZE) if path.is_file() else None
     from webdataset.gopen import gopen
 
-    return gopen(remote.urls[remote.names.index(name)], "rb", bufsize=READ_SIZE)
+    return gopen(remote.url_of(name), "rb", bufsize=READ_SIZE)
 
 
 def verify_shards(directory: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -151,7 +151,7 @@ def verify_shards(directory: str | Path, progress: bool = True) -> dict[str, Any
             if isinstance(err.__context__, ShardError):  # the stream was cut off while a damaged member was read
                 problems.add(name, err.__context__.reason, str(err.__context__))
             else:  # the URL could not be read (to its end): what did not come is unreadable, not missing
-                why = why_unreadable(remote.urls[remote.names.index(name)], err)
+                why = why_unreadable(remote.url_of(name), err)
                 for key in by_key.keys() - seen:
                     problems.add(key, "shard_unreadable", f"{name}: {why}")
                 continue
@@ -163,8 +163,7 @@ def verify_shards(directory: str | Path, progress: bool = True) -> dict[str, Any
     if stats["max_mean_diff"] > 1e-3 or stats["max_std_rel_diff"] > 1e-3:
         problems.add("meta.json", "stats_mismatch", f"mean differs by {stats['max_mean_diff']:.2e}, std by "
                      f"{100 * stats['max_std_rel_diff']:.3f} %")
-    return {"directory": str(directory), "label": remote.label if remote else Path(directory).resolve().name,
-            "index_cache": str(shards.directory), "shards": len(shards.shard_names),
+    return {"directory": str(directory), "label": set_label(directory, remote), "shards": len(shards.shard_names),
             "utterances": len(shards), "ok": ok, "damaged": sum(problems.counts.values()), "by_reason": dict(problems.counts),
             "examples": problems.examples, "gb_read": read_bytes / 1e9, "seconds": seconds,
             "gb_per_s": read_bytes / 1e9 / max(seconds, 1e-9), "stats": stats}

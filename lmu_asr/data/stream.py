@@ -79,6 +79,10 @@ class RemoteShards:
     def names(self) -> list[str]:
         return [_TAR.findall(u)[-1] for u in self.urls]
 
+    def url_of(self, name: str) -> str:
+        """The URL (or command) that streams the shard file ``name``."""
+        return self.urls[self.names.index(name)]
+
     @property
     def label(self) -> str:
         """A short name for reports: the folder the shards sit in (``gs-dev`` of ``s3://b/gs-dev/shard-...``)."""
@@ -264,7 +268,7 @@ class StreamDataset(IterableDataset):
     def _samples(self, shard: int, rows_by_key: dict[str, int]) -> Iterator[tuple[int, object]]:
         import webdataset as wds
 
-        url = self.remote.urls[self.remote.names.index(self.shards.shard_names[shard])]
+        url = self.remote.url_of(self.shards.shard_names[shard])
         stream = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None,
                                 empty_check=False, handler=wds.warn_and_continue)
         for sample in stream:
@@ -340,6 +344,11 @@ def open_shards(spec: str | Path) -> tuple[ShardSet, RemoteShards | None]:
     if is_url(spec):
         return open_remote(str(spec))
     return ShardSet.open(Path(spec)), None
+
+
+def set_label(spec: str | Path, remote: RemoteShards | None) -> str:
+    """A shard set's short name for report file names: its folder's name, or the URLs' folder."""
+    return remote.label if remote is not None else Path(spec).resolve().name
 
 
 def stream_batch_count(shards: ShardSet, cfg: DataConfig, downsample: int, epoch: int, seed: int, rank: int,

@@ -28,9 +28,9 @@ from lmu_asr import UserError
 from lmu_asr.config import Config
 from lmu_asr.data.dataset import BatchDataset, PlanSampler, make_loader
 from lmu_asr.data.sampler import capacity, eligible, epoch_plan, planned_shapes
-from lmu_asr.data.shards import OPEN_DAMAGE, ShardSet
+from lmu_asr.data.shards import OPEN_DAMAGE
 from lmu_asr.data.specaug import SpecAugment
-from lmu_asr.data.stream import interleave, is_url, open_remote, open_shards, stream_loader, stream_plan
+from lmu_asr.data.stream import interleave, is_url, open_shards, stream_loader, stream_plan
 from lmu_asr.fileio import atomic_write, check_writable
 from lmu_asr.model.asr import LMUASR
 from lmu_asr.train import checkpoint as ckpt
@@ -60,15 +60,12 @@ class Trainer:
             require_dali()
         self.info = dist.detect()
         self.device = dist.select_device(self.info, device)
-        self.remote = None
-        if is_url(shards_dir):  # streamed with webdataset (lmu_asr.data.stream); the index is fetched
-            if cfg.train.loader == "dali":
-                raise UserError("--loader dali reads local shards; URL shards stream with --loader wds")
-            self.shards, self.remote = open_remote(str(shards_dir))
-        else:
-            self.shards = ShardSet.open(shards_dir)
+        if is_url(shards_dir) and cfg.train.loader == "dali":  # refused before anything is fetched
+            raise UserError("--loader dali reads local shards; URL shards stream with --loader wds")
+        # URLs are streamed with webdataset (lmu_asr.data.stream); their index is fetched
+        self.shards, self.remote = open_shards(shards_dir)
         self.dev, self.dev_remote = open_shards(dev_dir) if dev_dir is not None else (None, None)
-        self.dev_name = str(dev_dir) if self.dev_remote else str(self.dev.directory if self.dev else "")
+        self.dev_name = str(dev_dir) if self.dev_remote else str(self.dev.directory) if self.dev else ""
         torch.manual_seed(cfg.train.seed)  # the initial weights are part of the run's identity
         self.model = LMUASR(cfg.model, augment=SpecAugment(cfg.data.specaug), max_frames=cfg.data.max_frames)
         self.model.set_normalization(*self.shards.stats())
