@@ -8,7 +8,7 @@ over a dynamic number of chunks; the DFT as cos/sin matmuls built from the seque
 ``streaming.onnx`` (models with causal or window attention and no whole-utterance normalisation): one chunk of
 ``chunk_frames`` input frames and the whole state in, log-probs of the chunk and the new state out, every piece of
 state an explicit tensor (as sherpa-onnx's streaming models): ``history`` (B, 2, 80), the last normalised input
-frames the 2x downsampler needs; per block ``lmu_state_i`` (B, C, order), the LMU memory; ``key_i``/``value_i``
+frames the 2x downsampler needs (with ``model.freq_conv``, the frequency convolution's output for them); per block ``lmu_state_i`` (B, C, order), the LMU memory; ``key_i``/``value_i``
 (B, heads, P, head_dim), the attention cache (P grows by chunk_frames/2 per chunk; window models keep the last
 ``attn_left`` frames, which the client trims). ``valid`` (B,) says how many frames of the chunk are real: the
 last chunk is zero-padded to the fixed size and its outputs past ceil(valid/2) are dropped by the client.
@@ -85,6 +85,8 @@ class StreamingGraph(nn.Module):
             norm = (csum[:, -1], seen + valid.to(x.dtype))
         else:
             x = self.model.normalize(feats, valid)
+        if enc.front is not None:  # the per-frame frequency convolution; frames past `valid` stay 0
+            x = enc.front(x) * (torch.arange(x.shape[1], device=x.device)[None, :] < valid[:, None])[..., None]
         lmu, keys, values = state[:n_blocks], state[n_blocks:2 * n_blocks], state[2 * n_blocks:]
         full = torch.cat([history, x], dim=1)
         new_history = full[:, -self.cfg.downsample:]
@@ -114,7 +116,7 @@ class StreamingGraph(nn.Module):
     def initial_state(self, batch: int = 1, past: int = 0) -> list[Tensor]:
         cfg, enc = self.cfg, self.model.encoder
         hd = cfg.d_model // cfg.n_heads
-        out = [torch.zeros(batch, cfg.downsample, cfg.n_mels)]
+        out = [torch.zeros(batch, cfg.downsample, enc.downsample.conv.in_channels)]
         if self.causal_norm:
             out += [torch.zeros(batch, cfg.n_mels), torch.zeros(batch, cfg.n_mels), torch.zeros(batch)]
         out += [torch.zeros(batch, cfg.lmu_memory_dim, cfg.lmu_order) for _ in enc.blocks]

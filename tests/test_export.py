@@ -138,7 +138,7 @@ def test_example_features_match_prep(tmp_path: Path) -> None:
 
 
 def test_causal_normalisation_streams_in_onnx(tmp_path: Path) -> None:
-    """A model with causal utterance normalisation (and a lifter) exports streaming.onnx (the first window's mean
+    """A model with causal utterance normalisation (a lifter, a frequency convolution) exports streaming.onnx (the first window's mean
     is the client's); the self-check compares it chunk by chunk with PyTorch, and the example runs it."""
     from lmu_asr.config import load_config
     from lmu_asr.model.asr import LMUASR
@@ -146,7 +146,8 @@ def test_causal_normalisation_streams_in_onnx(tmp_path: Path) -> None:
 
     cfg = load_config("cpu-tiny", None, {"model.attention": "causal", "model.utterance_norm": "causal",
                                          "model.utterance_norm_window": 30,
-                                         "model.lifter": 20})  # the lifter's projection is in the graph too
+                                         "model.lifter": 20,  # the lifter's projection is in the graph too
+                                         "model.freq_conv": 4})  # so is the frequency convolution
     torch.manual_seed(0)
     model = LMUASR(cfg.model)
     atomic_save(checkpoint_payload(model, cfg), tmp_path / "ck.pt")

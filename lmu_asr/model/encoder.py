@@ -51,6 +51,27 @@ class Downsample(nn.Module):
         return self.conv(x).transpose(1, 2)
 
 
+class FreqConv(nn.Module):
+    """Per-frame convolution along the mel axis, then max-pooling over neighbouring bins (``model.freq_conv``).
+
+    Why: a speaker with a shorter vocal tract puts the same formants a few mel bins higher. A linear map of the 80
+    bins (the downsampler alone) learns each formant at the bins the training voices put it; a shared filter bank
+    slid along frequency and pooled over ``freq_pool`` bins answers the same for small shifts (the classical case
+    for convolution over frequency in acoustic models). Per frame, so streaming stays exact.
+    """
+
+    def __init__(self, n_mels: int, channels: int, kernel: int, pool: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, channels, kernel, padding=kernel // 2)
+        self.pool = pool
+        self.out_dim = channels * (n_mels // pool)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, n_mels) -> (B, T, out_dim)
+        B, T, n = x.shape
+        y = F.relu(self.conv(x.reshape(B * T, 1, n)))
+        return F.max_pool1d(y, self.pool).reshape(B, T, self.out_dim)
+
+
 def attention_mask(lengths: Tensor, time: int, kind: str, left: int) -> Tensor:
     """Boolean mask (True = may attend), (B, 1, 1, T) for full attention, (B, 1, T, T) otherwise.
 
@@ -135,13 +156,19 @@ class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig, max_frames: int = 3000) -> None:
         super().__init__()
         self.cfg = cfg
-        self.downsample = Downsample(cfg.n_mels, cfg.d_model, cfg.downsample)
+        self.front: FreqConv | None = None
+        if cfg.freq_conv:
+            self.front = FreqConv(cfg.n_mels, cfg.freq_conv, cfg.freq_conv_kernel, cfg.freq_pool)
+        self.downsample = Downsample(self.front.out_dim if self.front else cfg.n_mels, cfg.d_model, cfg.downsample)
         max_len = -(-max_frames // cfg.downsample)  # the LMU's cached kernel covers every training bucket
         self.blocks = nn.ModuleList(Block(cfg, max_len) for _ in range(cfg.n_blocks))
         self.norm = nn.LayerNorm(cfg.d_model)
 
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, T, n_mels), zero beyond each length -> (B, T', d_model), output lengths (B,)."""
+        if self.front is not None:  # padding frames stay exactly 0, as the streaming path pads them
+            valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+            x = self.front(x) * valid[..., None].to(x.dtype)
         h = self.downsample(x)
         out_lengths = downsampled_lengths(lengths, self.cfg.downsample)
         mask = attention_mask(out_lengths, h.shape[1], self.cfg.attention, self.cfg.attn_left)
@@ -171,6 +198,8 @@ class Encoder(nn.Module):
         With ``final=True`` a trailing odd frame is flushed (padded with a zero frame, as offline padding does).
         """
         s = self.cfg.downsample
+        if self.front is not None:  # per frame: the history, leftover and final padding are in its output space
+            x = self.front(x)
         if state.leftover is not None:
             x = torch.cat([state.leftover, x], dim=1)
             state.leftover = None

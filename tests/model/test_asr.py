@@ -206,6 +206,11 @@ def test_flop_count_matches_analytic_estimate() -> None:
     assert count_flops(model, B, T, backward=False) == pytest.approx(expected, rel=1e-3)
     step = count_flops(model, B, T, backward=True)
     assert 2.5 * expected < step < 3.5 * expected
+    # the frequency convolution: K-tap filters on every input frame's bins (4 filters pooled by 4 give 80 features
+    # again, so the downsampler's count is unchanged)
+    front = LMUASR(ModelConfig(**{**cfg.__dict__, "freq_conv": 4, "freq_conv_kernel": 5, "freq_pool": 4}))
+    conv = 2 * B * T * 4 * 5 * cfg.n_mels
+    assert count_flops(front, B, T, backward=False) == pytest.approx(expected + conv, rel=1e-3)
 
 
 def digit_sequences(fsdd, count: int, seed: int) -> tuple[list[torch.Tensor], list[str]]:  # noqa: ANN001

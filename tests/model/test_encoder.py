@@ -69,3 +69,28 @@ def test_training_steps_with_and_without_compile_agree() -> None:
         losses[compiled] = run
     assert losses[False][-1] < losses[False][0]  # it learns
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+def test_freq_conv_streams_pads_and_shifts_with_the_spectrum() -> None:
+    """model.freq_conv: streaming equals offline, batch padding changes nothing, and the filters are shared along
+    frequency: a spectrum shifted up by ``freq_pool`` bins gives the same pooled outputs one position up."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY.__dict__, "attention": "causal", "freq_conv": 4, "freq_conv_kernel": 5,
+                         "freq_pool": 4})
+    model = LMUASR(cfg).eval()
+    model.set_normalization(torch.randn(80), torch.rand(80) + 0.5)
+    feats = torch.randn(2, 61, 80)
+    offline, _ = model(feats, torch.tensor([61, 40]))
+    alone, _ = model(feats[1:, :40], torch.tensor([40]))
+    torch.testing.assert_close(offline[1:, :20], alone, rtol=1e-4, atol=1e-4)
+    state, pieces = model.encoder.stream_init(), []
+    for start in range(0, 61, 9):
+        pieces.append(model.stream(feats[:1, start:start + 9], state, final=start + 9 >= 61))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), offline[:1], rtol=1e-4, atol=1e-4)
+
+    front = model.encoder.front
+    x = torch.randn(1, 3, 80)
+    shifted = torch.roll(x, 4, dims=2)
+    a = front(x).view(1, 3, 4, 20)  # (B, T, channels, pooled positions)
+    b = front(shifted).view(1, 3, 4, 20)
+    torch.testing.assert_close(b[..., 2:-1], a[..., 1:-2])  # away from the edges, where padding differs
