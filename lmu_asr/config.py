@@ -310,7 +310,8 @@ _RANGES: list[tuple[str, float, float, str]] = [
     ("model.ffn_dim", 0, math.inf, ">= 0"), ("model.downsample", 1, 8, "in [1, 8]"),
     ("model.dropout", 0, 0.999, "in [0, 1)"), ("model.attn_dropout", 0, 0.999, "in [0, 1)"),
     ("model.attn_left", 0, math.inf, ">= 0"), ("model.input_bins", 0, 80, "in [0, 80]"),
-    ("model.lifter", 0, 80, "in [0, 80]"),
+    ("model.lifter", 0, 80, "in [0, 80]"), ("model.freq_conv", 0, 1024, "in [0, 1024] (0: off)"),
+    ("model.freq_conv_kernel", 1, 79, "an odd number in [1, 79]"), ("model.freq_pool", 1, 80, "in [1, 80]"),
     ("model.n_mels", 80, 80, "80 (the shards' fbank)"), ("model.vocab_size", 29, 29, "29 (the vocabulary)"),
     ("data.batch_size", 0, math.inf, ">= 0 (0: frame-budget batches)"), ("data.batch_frames", 1, math.inf, ">= 1"),
     ("data.max_frames", 1, math.inf, ">= 1"), ("data.min_frames", 0, math.inf, ">= 0"),
@@ -352,6 +353,9 @@ def validate(cfg: Config) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     if m.d_model % m.n_heads:
         raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    if m.freq_conv_kernel % 2 == 0:  # an even kernel with "same" padding would add a bin
+        raise ValueError(f"model.freq_conv_kernel={m.freq_conv_kernel} is out of range: it must be an odd number "
+                         "in [1, 79]")
     if m.utterance_norm not in ("none", "mean", "meanvar", "causal"):
         raise ValueError(f"model.utterance_norm must be none, mean, meanvar or causal, not {m.utterance_norm!r}")
     if m.utterance_norm_window < 1:
