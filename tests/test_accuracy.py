@@ -1,8 +1,9 @@
 """End to end on real speech: prep -> train -> eval with FSDD's own split (recordings 0-4 of every speaker and
-digit are test), within the CPU budget. Measured here (the demo's 80 epochs; the default seed, seeds 0 and 1):
-greedy 3.2, 2.4, 2.0 % WER, beam 8 3.2, 2.4, 2.4 %, beam 512 + LM 0.8, 0.4, 0.8 %, 220-245 s of training on 2
-cores. Between late epochs of one run greedy moves between 1.2 and 2.8 % (3 to 7 errors in 250), so the bounds
-below catch a broken pipeline (which scores far worse), not single errors; the README reports the figures."""
+digit are test), within the CPU budget. Measured here with the frequency convolution of cpu-small (the demo's 80
+epochs; the default seed and train.seed=1): greedy 3.6, 3.6 % WER, beam 8 3.6, 4.0 %, beam 512 + LM 0.8, 1.2 %
+(without it: greedy 3.2, 2.4, 2.0 %, LM 0.8, 0.4, 0.8 %). Between late epochs of one run greedy moves between 1.2
+and 2.8 % (3 to 7 errors in 250), so the bounds below catch a broken pipeline (which scores far worse), not single
+errors; the README reports the figures."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def test_fsdd_own_split_wer(fsdd: Path, tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     test = summary["test"]["greedy"]
     assert test["utterances"] == 250  # 5 speakers x 10 digits x recordings 0-4
-    assert test["wer"] <= 0.05, f"greedy WER {100 * test['wer']:.2f} % on FSDD's test split"
-    assert summary["test"]["beam8"]["wer"] <= 0.05
+    assert test["wer"] <= 0.06, f"greedy WER {100 * test['wer']:.2f} % on FSDD's test split"
+    assert summary["test"]["beam8"]["wer"] <= 0.06
     assert summary["test"]["beam512+lm"]["wer"] <= 0.02  # the word LM (tuned on DEV) keeps it lower
     assert summary["seconds"]["train"] < 600  # the CPU budget of the quickstart
     exported_model_agrees_on_real_speech(Path(summary["checkpoint"]), fsdd, tmp_path)
