@@ -41,7 +41,8 @@ BUILTIN_EPOCHS = 25  # 233 s of training, 308 s in all, measured alone on a 2-co
 # A speech folder's default. FSDD with speaker theo held out, beam 512 + LM, seeds 0-3: 40 epochs gave 10.2, 16.2,
 # 19.2, 13.0 % WER (mean 14.7) and 80 gave 11.2, 12.4, 16.8, 11.4 % (mean 13.0): more passes over four voices help
 # the unseen fifth. FSDD's own split pays in greedy WER (1.2-1.6 -> 2.0-3.2 %), not with the LM (<= 1 % on three
-# seeds). (Measured before the frequency convolution; with it, theo gives 10.2 and 13.6 %.)
+# seeds). (Measured before the frequency convolution; with it, theo's default seed and train.seed=1 give 13.4
+# and 13.6 %: README.)
 SPEECH_DIR_EPOCHS = 80
 DEMO_KEEP_EPOCHS = 20
 

@@ -8,9 +8,10 @@ over a dynamic number of chunks; the DFT as cos/sin matmuls built from the seque
 ``streaming.onnx`` (models with causal or window attention and no whole-utterance normalisation): one chunk of
 ``chunk_frames`` input frames and the whole state in, log-probs of the chunk and the new state out, every piece of
 state an explicit tensor (as sherpa-onnx's streaming models): ``history`` (B, 2, 80), the last normalised input
-frames the 2x downsampler needs (with ``model.freq_conv``, the frequency convolution's output for them); per block ``lmu_state_i`` (B, C, order), the LMU memory; ``key_i``/``value_i``
-(B, heads, P, head_dim), the attention cache (P grows by chunk_frames/2 per chunk; window models keep the last
-``attn_left`` frames, which the client trims). ``valid`` (B,) says how many frames of the chunk are real: the
+frames the 2x downsampler needs (with ``model.freq_conv``: the frequency convolution's output for them, (B, 2,
+out_dim)); per block ``lmu_state_i`` (B, C, order), the LMU memory; ``key_i``/``value_i`` (B, heads, P, head_dim),
+the attention cache (P grows by chunk_frames/2 per chunk; window models keep the last ``attn_left`` frames, which
+the client trims). ``valid`` (B,) says how many frames of the chunk are real: the
 last chunk is zero-padded to the fixed size and its outputs past ceil(valid/2) are dropped by the client.
 
 Plain files beside them: ``tokens.txt`` (id and symbol per line), ``normalization.json``, ``fbank.json`` (the
@@ -72,10 +73,10 @@ class StreamingGraph(nn.Module):
     def forward(self, feats: Tensor, valid: Tensor, history: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         enc, n_blocks = self.model.encoder, len(self.model.encoder.blocks)
         norm: tuple[Tensor, ...] = ()
+        live = (torch.arange(feats.shape[1], device=feats.device)[None, :] < valid[:, None])[..., None].float()
         if self.causal_norm:  # causal utterance normalisation (see LMUASR.causal_means): its sums are state too
             window_mean, total, seen, state = state[0], state[1], state[2], state[3:]
             x = (feats.float() - self.model.feat_mean) / self.model.feat_std
-            live = (torch.arange(x.shape[1], device=x.device)[None, :] < valid[:, None])[..., None].to(x.dtype)
             csum = total[:, None, :] + torch.cumsum(x * live, dim=1)
             t = seen[:, None] + torch.arange(x.shape[1], device=x.device, dtype=x.dtype)[None, :]
             first = (window_mean - self.model.feat_mean) / self.model.feat_std  # the client's raw mean, normalised
@@ -86,7 +87,7 @@ class StreamingGraph(nn.Module):
         else:
             x = self.model.normalize(feats, valid)
         if enc.front is not None:  # the per-frame frequency convolution; frames past `valid` stay 0
-            x = enc.front(x) * (torch.arange(x.shape[1], device=x.device)[None, :] < valid[:, None])[..., None]
+            x = enc.front(x) * live
         lmu, keys, values = state[:n_blocks], state[n_blocks:2 * n_blocks], state[2 * n_blocks:]
         full = torch.cat([history, x], dim=1)
         new_history = full[:, -self.cfg.downsample:]
