@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from lmu_asr import UserError
 from lmu_asr.fileio import atomic_write
 from lmu_asr.model.asr import LMUASR
+from lmu_asr.model.encoder import frame_mask
 from lmu_asr.text import VOCAB
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class StreamingGraph(nn.Module):
     def forward(self, feats: Tensor, valid: Tensor, history: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         enc, n_blocks = self.model.encoder, len(self.model.encoder.blocks)
         norm: tuple[Tensor, ...] = ()
-        live = (torch.arange(feats.shape[1], device=feats.device)[None, :] < valid[:, None])[..., None].float()
+        live = frame_mask(valid, feats.shape[1])[..., None].float()
         if self.causal_norm:  # causal utterance normalisation (see LMUASR.causal_means): its sums are state too
             window_mean, total, seen, state = state[0], state[1], state[2], state[3:]
             x = (feats.float() - self.model.feat_mean) / self.model.feat_std
@@ -230,7 +231,7 @@ def self_check(model: LMUASR, out: Path, chunk_frames: int) -> dict[str, float]:
         ref, ref_lengths = OfflineGraph(model)(feats, lengths)
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     got, got_lengths = sess.run(None, {"feats": feats.numpy(), "lengths": lengths.numpy()})
-    mask = (torch.arange(ref.shape[1])[None, :] < ref_lengths[:, None]).numpy()
+    mask = frame_mask(ref_lengths, ref.shape[1]).numpy()
     result = {"offline_max_diff": float(np.abs(got - ref.numpy())[mask].max())}
     if not np.array_equal(got_lengths, ref_lengths.numpy()):
         raise UserError("export self-check failed: output lengths differ from PyTorch's")

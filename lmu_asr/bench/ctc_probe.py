@@ -22,6 +22,7 @@ import torch
 from lmu_asr.bench.report import environment, markdown_table, write_report
 from lmu_asr.config import Config
 from lmu_asr.model import asr
+from lmu_asr.model.encoder import frame_mask
 from lmu_asr.train import step as step_module
 
 
@@ -89,7 +90,7 @@ def standin_loss(logits: torch.Tensor, out_lengths: torch.Tensor, targets: torch
     """A loss with CTC's inputs and output shape but no alignment and no host read: the step's floor."""
     with torch.autocast(device_type=logits.device.type, enabled=False):
         lp = logits.float().log_softmax(-1)
-        mask = (torch.arange(lp.shape[1], device=lp.device)[None, :] < out_lengths[:, None]).to(lp.dtype)
+        mask = frame_mask(out_lengths, lp.shape[1]).to(lp.dtype)
         return -(lp[..., 0] * mask).sum() / mask.sum().clamp(min=1)
 
 

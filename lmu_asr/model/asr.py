@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmu_asr.config import ModelConfig
-from lmu_asr.model.encoder import Encoder
+from lmu_asr.model.encoder import Encoder, frame_mask
 from lmu_asr.text import BLANK
 
 if TYPE_CHECKING:  # for the annotation only: the model runs without the data package
@@ -55,7 +55,7 @@ class LMUASR(nn.Module):
         """Global mean/variance normalisation; frames past each length are set to exactly 0 (so batch padding and
         single-utterance padding look the same to the causal downsampler)."""
         x = (feats.float() - self.feat_mean) / self.feat_std
-        valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None])[..., None].to(x.dtype)
+        valid = frame_mask(lengths, x.shape[1])[..., None].to(x.dtype)
         if self.cfg.utterance_norm == "causal":
             x = x - self.causal_means(x, lengths)[0]
         elif self.cfg.utterance_norm != "none":  # whole-utterance statistics: not for streaming
@@ -90,7 +90,7 @@ class LMUASR(nn.Module):
         stream whose first window has passed)."""
         window = self.cfg.utterance_norm_window
         T = x.shape[1]
-        valid = (torch.arange(T, device=x.device)[None, :] < lengths[:, None])[..., None].to(x.dtype)
+        valid = frame_mask(lengths, T)[..., None].to(x.dtype)
         csum = time_cumsum(x * valid)
         if total is not None:
             csum = csum + total[:, None, :]

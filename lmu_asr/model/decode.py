@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lmu_asr.model.encoder import frame_mask
 from lmu_asr.text import BLANK, decode_ids
 
 NEG_INF = -math.inf
@@ -27,8 +28,7 @@ def greedy_decode(logits: Tensor, lengths: Tensor) -> list[list[int]]:
     """Best path: argmax per frame, collapse repeats, drop blanks, ignore frames past each length."""
     ids = logits.argmax(-1)  # (B, T)
     prev = torch.nn.functional.pad(ids, (1, 0), value=-1)[:, :-1]
-    valid = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
-    keep = (ids != prev) & (ids != BLANK) & valid
+    keep = (ids != prev) & (ids != BLANK) & frame_mask(lengths, ids.shape[1])
     ids_cpu, keep_cpu = ids.cpu().numpy(), keep.cpu().numpy()
     return [ids_cpu[b][keep_cpu[b]].tolist() for b in range(ids_cpu.shape[0])]
 

@@ -31,6 +31,12 @@ def resolve_lmu_mode(cfg: ModelConfig) -> str:
     return "memory" if cfg.lmu_memory_dim * cfg.lmu_order <= cfg.lmu_hidden else "fft"
 
 
+def frame_mask(lengths: Tensor, time: int) -> Tensor:
+    """(B, time) bool, True on each row's first ``lengths[b]`` frames. The one definition of a real frame that
+    padding, normalisation, decoding and the streaming export share, so that they cannot disagree at the edge."""
+    return torch.arange(time, device=lengths.device)[None, :] < lengths[:, None]
+
+
 def downsampled_lengths(lengths: Tensor, factor: int) -> Tensor:
     """Valid output frames after downsampling: ceil(length / factor). The CTC input lengths come from here."""
     return torch.div(lengths + factor - 1, factor, rounding_mode="floor")
@@ -167,8 +173,7 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, T, n_mels), zero beyond each length -> (B, T', d_model), output lengths (B,)."""
         if self.front is not None:  # padding frames stay exactly 0, as the streaming path pads them
-            valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
-            x = self.front(x) * valid[..., None].to(x.dtype)
+            x = self.front(x) * frame_mask(lengths, x.shape[1])[..., None].to(x.dtype)
         h = self.downsample(x)
         out_lengths = downsampled_lengths(lengths, self.cfg.downsample)
         mask = attention_mask(out_lengths, h.shape[1], self.cfg.attention, self.cfg.attn_left)

@@ -35,7 +35,7 @@ from torch import nn
 from lmu_asr.config import Config, OptimConfig, compile_enabled
 from lmu_asr.data.dataset import to_device
 from lmu_asr.model.asr import LMUASR, ctc_loss
-from lmu_asr.model.encoder import downsampled_lengths
+from lmu_asr.model.encoder import downsampled_lengths, frame_mask
 from lmu_asr.train.dist import DistInfo
 
 log = logging.getLogger(__name__)
@@ -162,10 +162,10 @@ def synthetic_batch(rows: int, frames: int, seed: int = 0) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(max(1, frames // 2), frames + 1, (rows,), generator=g)
     feats = torch.randn(rows, frames, 80, generator=g).to(torch.float16)
-    feats *= (torch.arange(frames)[None, :] < lengths[:, None])[..., None]
+    feats *= frame_mask(lengths, frames)[..., None]
     tlens = lengths // 7
     targets = torch.randint(3, 29, (rows, frames // 2), generator=g)
-    targets *= torch.arange(frames // 2)[None, :] < tlens[:, None]
+    targets *= frame_mask(tlens, frames // 2)
     return {"feats": feats, "lengths": lengths, "targets": targets, "target_lengths": tlens, "real": rows,
             "skipped": 0}
 
