@@ -166,6 +166,9 @@ def train(shards: str, dev_shards: str | None, out: Path, preset: str | None, co
                   else "")
                + (f", {result['damaged_samples']} damaged sample(s) skipped (see {out / 'damaged.jsonl'})"
                   if result["damaged_samples"] else ""))
+    if result["step"]:
+        click.echo(f"throughput: {result['utt_per_s']:.0f} utt/s, {result['audio_s_per_s']:.0f} audio-s/s, "
+                   f"data wait {100 * result['data_wait']:.1f} % (this process, from its first step on)")
     click.echo(f"checkpoints: {out / 'checkpoints'}")
 
 

@@ -11,7 +11,8 @@ slow machine still returns the headline. Every stage writes its own NAME.json/md
 
 1. ``train_a100``: the seed's A100 row (preset a100-b96: 96 x <= 400 frames, bf16, compiled) with the loop's
    read-out; 2. ``sync``: host<->device synchronisations in steady-state steps of that same compiled runner
-   (``torch.cuda.set_sync_debug_mode``, each located by its Python frame); 3. ``train_fast_h100``: the
+   (``torch.cuda.set_sync_debug_mode``, each located by its Python frame); ``cudagraphs``: the same row under
+   the other compile mode; ``train_loop``: ``lmuasr train`` end to end with exact resume; 3. ``train_fast_h100``: the
    fast-h100 preset at its largest shapes, against the 5.5 GB goal; 4. ``loader_synthetic``: the loader on
    synthetic shards, per worker and with DataLoader workers, against the step's consumption; 5. ``model``: the
    LMU forms at 1000/3000 frames; 6. ``compile``: static vs dynamic shapes; 7. ``scale``: batch sweep.
@@ -41,13 +42,16 @@ def kit_configs(smoke: bool) -> dict[str, Any]:
                 "fast": ("cpu-tiny", {**tiny, "data.batch_frames": 2048}, [(16, 128), (8, 256)]),
                 "model_lengths": [100, 300], "model_batch": 2, "compile_frames": [128, 256], "compile_rows": 4,
                 "scale_batches": [2, 4], "loader_utts": 300, "sync_steps": 3, "steps": 2, "windows": 2,
-                "ctc_shapes": [(4, 128)], "ckpt_shape": (4, 256), "budget_s": 170}
+                "ctc_shapes": [(4, 128)], "ckpt_shape": (4, 256), "budget_s": 170,
+                "loop": ("cpu-tiny", {}, 200, 3, (100, 256))}
     return {"a100": ("a100-b96", {"train.precision": "bf16"}, [(96, 400)]),
             "fast": ("fast-h100", {}, [(73, 3000), (550, 400)]),  # its planned rows at 220 k frames
             "model_lengths": [1000, 3000], "model_batch": 16, "compile_frames": [128, 400, 3000],
             "compile_rows": None, "scale_batches": [48, 96, 192, 384, 768, 1536], "loader_utts": 60_000,
             "sync_steps": 10, "steps": 10, "windows": 3, "ctc_shapes": [(96, 400), (750, 400)],
-            "ckpt_shape": (73, 3000), "budget_s": 460}
+            "ckpt_shape": (73, 3000), "budget_s": 460,
+            # one bucket (3.3-4 s): one planned shape to compile per process; 100 steps an epoch
+            "loop": ("a100-b96", {}, 9600, 75, (330, 400))}
 
 
 def count_syncs(runner: Any, batch: dict, steps: int, device: torch.device) -> dict[str, Any]:
@@ -176,8 +180,8 @@ def _loader_stage(out: Path, configs: list[tuple[Config, float | None]], utteran
     return data
 
 
-STAGES = ("train_a100", "sync", "cudagraphs", "train_fast_h100", "loader", "model", "compile", "scale", "ctc",
-          "checkpointing", "sync_bisect")
+STAGES = ("train_a100", "sync", "cudagraphs", "train_loop", "train_fast_h100", "loader", "model", "compile",
+          "scale", "ctc", "checkpointing", "sync_bisect")
 
 
 def run_kit(out: Path, device: torch.device, smoke: bool = False,
@@ -213,12 +217,12 @@ def run_kit(out: Path, device: torch.device, smoke: bool = False,
         cfg = load_config(preset, None, sets)
         data = bench_train(cfg, out, device, shapes, k["steps"], k["windows"], name="train_a100",
                            keep_runner=True)
-        state["runner"], state["step_utt"] = data.pop("runner"), data["rows"][0]["utt_per_s"]
-        state["cfg"], state["shape"] = cfg, shapes[0]
         r = data["rows"][0]
+        state["runner"], state["step_utt"] = data.pop("runner"), r["utt_per_s"]
+        state["cfg"], state["shape"], state["mode"] = cfg, shapes[0], r["compile_mode"]
         return {"utt_per_s": r["utt_per_s"], "it_per_s": r["it_per_s"], "mfu": r["mfu"],
                 "peak_gb": r.get("max_allocated_gb") or r.get("max_rss_gb"), "compile_s": r["compile_s"],
-                "vs_seed_a100": r["utt_per_s"] / 336.0, "ctc": r["ctc"]}
+                "vs_seed_a100": r["utt_per_s"] / 336.0, "ctc": r["ctc"], "compile_mode": r["compile_mode"]}
 
     def sync() -> dict[str, Any]:
         from lmu_asr.train.step import synthetic_batch
@@ -227,23 +231,32 @@ def run_kit(out: Path, device: torch.device, smoke: bool = False,
         return count_syncs(state["runner"], synthetic_batch(rows, frames, seed=5), k["sync_steps"], device)
 
     def cudagraphs() -> dict[str, Any]:
-        """The seed's A100 row again with train.compile_mode=cudagraphs: the answer to a host-bound step (with the
-        Triton CTC the whole step is one CUDA graph; with ATen's, the model alone)."""
+        """The seed's A100 row again under the compile mode that ``train_a100`` did not run: CUDA graphs
+        (``mode="reduce-overhead"``) against inductor's default, side by side. ``train.compile_mode=auto`` picks
+        CUDA graphs on one GPU with the Triton CTC (then the whole step is one graph), so on a GPU this stage
+        measures the default mode it replaced; on a CPU (smoke) it runs the CUDA-graph code path."""
         from lmu_asr.bench.train import bench_train_config
         from lmu_asr.train.step import synthetic_batch
 
         preset, sets, shapes = k["a100"]
         rows, frames = shapes[0]
-        cfg = load_config(preset, None, {**sets, "train.compile_mode": "cudagraphs"})
+        other = "default" if state.get("mode") == "cudagraphs" else "cudagraphs"
+        cfg = load_config(preset, None, {**sets, "train.compile_mode": other})
         torch._dynamo.reset()
         r = bench_train_config(cfg, rows, frames, device, k["steps"], k["windows"], keep_runner=True)
         syncs = count_syncs(r.pop("runner"), synthetic_batch(rows, frames, seed=5), k["sync_steps"], device)
         base = state.get("step_utt")
-        return {"utt_per_s": r["utt_per_s"], "it_per_s": r["it_per_s"], "step_ms": r["step_ms"],
+        graphs, plain = (r["utt_per_s"], base) if other == "cudagraphs" else (base, r["utt_per_s"])
+        return {"mode": other, "utt_per_s": r["utt_per_s"], "it_per_s": r["it_per_s"], "step_ms": r["step_ms"],
                 "peak_gb": r.get("max_allocated_gb") or r.get("max_rss_gb"), "compile_s": r["compile_s"],
-                "vs_default_compile": r["utt_per_s"] / base if base else None, "ctc": r["ctc"],
-                "whole_step_graph": r["ctc"] == "triton",
+                "cudagraphs_over_default": graphs / plain if graphs and plain else None, "ctc": r["ctc"],
                 "syncs_per_step": syncs["syncs_per_step"], "sync_stacks": syncs.get("stacks")}
+
+    def train_loop() -> dict[str, Any]:
+        from lmu_asr.bench.loop_check import bench_train_loop
+
+        preset, sets, utterances, steps, frames = k["loop"]
+        return bench_train_loop(out, preset, sets, utterances, steps, frames, device)
 
     def fast() -> dict[str, Any]:
         preset, sets, shapes = k["fast"]
@@ -299,7 +312,8 @@ def run_kit(out: Path, device: torch.device, smoke: bool = False,
         rows = bench_sync_bisect(out, load_config(preset, None, sets), device, shapes[0], k["sync_steps"])["rows"]
         return {"rows": [{f: r[f] for f in ("variant", "syncs_per_step", "step_ms", "top_stack")} for r in rows]}
 
-    for name, fn in (("train_a100", a100), ("sync", sync), ("cudagraphs", cudagraphs), ("train_fast_h100", fast),
+    for name, fn in (("train_a100", a100), ("sync", sync), ("cudagraphs", cudagraphs), ("train_loop", train_loop),
+                     ("train_fast_h100", fast),
                      ("loader", loader), ("model", model), ("compile", compile_), ("scale", scale), ("ctc", ctc),
                      ("checkpointing", checkpointing), ("sync_bisect", sync_bisect)):
         if name not in stages:
@@ -326,7 +340,14 @@ def write_summary(out: Path, summary: dict[str, Any]) -> list[Path]:
     elif a100.get("status") == "ok":
         head.append(f"Seed's A100 row (b96 x <= 400 frames): **{a100['utt_per_s']:.0f} utt/s** "
                     f"({a100['vs_seed_a100']:.1f}x the seed's 336), {a100['it_per_s']:.2f} it/s, peak "
-                    f"{a100['peak_gb']:.2f} GB, MFU {100 * (a100['mfu'] or 0):.1f} %.")
+                    f"{a100['peak_gb']:.2f} GB, MFU {100 * (a100['mfu'] or 0):.1f} % (compile mode "
+                    f"{a100.get('compile_mode')}, CTC {a100.get('ctc')}).")
+    loop = summary["stages"].get("train_loop", {})
+    if loop.get("status") == "ok":
+        head.append(f"`lmuasr train` end to end ({loop['preset']}, {loop['steps']} steps): "
+                    f"{loop['utt_per_s'] or 0:.0f} utt/s, data wait {100 * (loop['data_wait'] or 0):.1f} %; "
+                    f"resume at step {loop['resume_at']}: losses identical before it "
+                    f"{loop['identical_before_resume']}, after it {loop['identical_after_resume']}.")
     if sync.get("status") == "ok" and sync.get("syncs_per_step") is not None:
         head.append(f"Host-device synchronisations per steady-state step: {sync['syncs_per_step']:.1f} "
                     f"({sync['where'] or 'none'}).")

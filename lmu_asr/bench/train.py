@@ -164,7 +164,7 @@ def bench_train_config(cfg: Config, batch: int, frames: int, device: torch.devic
     real_frames = statistics.mean(int(b["lengths"].sum()) for b in batches)
     peak = peak_flops(device, peak_tflops) or (cpu_matmul_peak() if device.type == "cpu" else None)
     return {"batch": batch, "frames": frames, "precision": cfg.train.precision, "compile": runner.compiled,
-            "compile_mode": cfg.train.compile_mode, "ctc": runner.ctc, "lmu_mode": cfg.model.lmu_mode,
+            "compile_mode": runner.compile_mode if runner.compiled else "off", "ctc": runner.ctc, "lmu_mode": cfg.model.lmu_mode,
             "it_per_s": 1 / step_s, "utt_per_s": batch / step_s,
             "audio_s_per_s": real_frames / 100 / step_s, "frames_per_s": real_frames / step_s,
             "padding": 1 - real_frames / (batch * frames), "step_ms": 1000 * step_s,

@@ -99,7 +99,7 @@ class LMUASR(nn.Module):
         upto = torch.minimum(upto, (lengths[:, None] + seen - 1).clamp(min=0)) - seen  # within what has been seen
         means = torch.gather(csum, 1, upto.clamp(min=0)[..., None].expand(-1, -1, x.shape[2]))
         means = means / (upto + seen + 1).clamp(min=1)[..., None].to(x.dtype)
-        return means, csum[torch.arange(x.shape[0]), (lengths - 1).clamp(min=0)]
+        return means, csum[torch.arange(x.shape[0], device=x.device), (lengths - 1).clamp(min=0)]
 
     def forward(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         augment = self.augment if self.training else None

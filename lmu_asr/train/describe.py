@@ -53,9 +53,16 @@ def compile_line(trainer: Trainer) -> str:
     cfg = trainer.cfg
     if not compile_enabled(cfg, trainer.device.type):
         return "torch.compile: off (eager)"
+    from lmu_asr.train.step import resolve_compile_mode
+
+    runner = getattr(trainer, "runner", None)
+    mode = runner.compile_mode if runner is not None else resolve_compile_mode(
+        cfg, trainer.device, ctc_choice(trainer), trainer.info.distributed)
+    how = (f"; CUDA graphs (train.compile_mode={cfg.train.compile_mode}: each shape's whole step replayed by one "
+           "launch)" if mode == "cudagraphs" else f"; inductor (train.compile_mode={cfg.train.compile_mode})")
     shapes = trainer.planned()
     if cfg.train.compile_shapes == "dynamic":
-        return f"torch.compile: 1 graph with a dynamic time axis (covers {len(shapes)} planned shapes)"
+        return f"torch.compile: 1 graph with a dynamic time axis (covers {len(shapes)} planned shapes){how}"
     listed = ", ".join(f"{r}x{f}" for r, f in shapes[:12]) + (" ..." if len(shapes) > 12 else "")
     return (f"torch.compile: {len(shapes)} graph(s), one per planned shape (rows x frames), all compiled "
-            f"before the first step: {listed}")
+            f"before the first step: {listed}{how}")

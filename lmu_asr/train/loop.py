@@ -255,7 +255,10 @@ class Trainer:
                 raise TrainingStopped(f"{self.step} step(s) ran but read no usable utterance ({len(self.damaged_keys)}"
                                       f" damaged sample(s), see {self.run_dir / 'damaged.jsonl'})")
             self._save_last()
+        rates = meter.rates()  # since the first step: compile warm-up excluded, validation and checkpoints in
         return {"step": self.step, "epoch": self.epoch, "reason": reason, "best_wer": self.best_wer,
+                "utt_per_s": rates["utt_per_s"], "audio_s_per_s": rates["audio_s_per_s"],
+                "data_wait": rates["data_wait"],
                 "non_finite_steps": self.bad_total, "damaged_samples": len(self.damaged_keys),
                 "dev_unreadable": self.dev_unreadable,
                 "seconds": time.perf_counter() - started}

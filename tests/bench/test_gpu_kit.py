@@ -41,8 +41,8 @@ def test_gpu_kit_smoke_under_an_import_blocker(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "gpu_kit.json").read_text())
     assert {n: s["status"] for n, s in summary["stages"].items()} == {n: "ok" for n in STAGES}
-    for name in ("train_a100", "train_fast_h100", "loader_synthetic", "model", "compile", "scale", "gpu_kit",
-                 "ctc_cost", "checkpointing", "sync_bisect"):
+    for name in ("train_a100", "train_loop", "train_fast_h100", "loader_synthetic", "model", "compile", "scale",
+                 "gpu_kit", "ctc_cost", "checkpointing", "sync_bisect"):
         assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file(), name
     ctc = json.loads((out / "ctc_cost.json").read_text())
     assert [r["loss"] for r in ctc["step_rows"]] == ["ATen CTC", "stand-in (no CTC)"]
@@ -56,6 +56,10 @@ def test_gpu_kit_smoke_under_an_import_blocker(tmp_path: Path) -> None:
     bisect = json.loads((out / "sync_bisect.json").read_text())["rows"]
     assert len(bisect) == 7 and all(r["step_ms"] > 0 for r in bisect)
     assert (out / "train_a100.png").is_file() and (out / "compile.png").is_file()
+    loop = json.loads((out / "train_loop.json").read_text())  # lmuasr train itself, 3 processes
+    assert loop["same_steps"] and loop["steps"] == 2 * loop["resume_at"]
+    assert loop["identical_before_resume"] and loop["identical_after_resume"]  # exact resume on the CPU
+    assert loop["utt_per_s"] > 0 and 0 <= loop["data_wait"] < 1
     a100 = json.loads((out / "train_a100.json").read_text())["rows"][0]
     assert a100["compile"] and a100["batch"] == 8  # the compiled step, CPU-sized
     compile_report = json.loads((out / "compile.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,7 +36,9 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def test_max_steps_then_resume_is_bit_identical(train_shards: Path, tmp_path: Path) -> None:
-    train(train_shards, tmp_path / "straight", "--max-steps", "8")
+    output = train(train_shards, tmp_path / "straight", "--max-steps", "8")
+    rate = re.search(r"throughput: (\d+) utt/s, (\d+) audio-s/s, data wait ([\d.]+) %", output)
+    assert rate and int(rate.group(1)) > 0 and int(rate.group(2)) > 0 and float(rate.group(3)) < 100, output
     train(train_shards, tmp_path / "split", "--max-steps", "4")
     assert sorted(losses(tmp_path / "split")) == [1, 2, 3, 4]
     train(train_shards, tmp_path / "split", "--max-steps", "8", "--resume")
