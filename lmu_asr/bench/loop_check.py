@@ -83,10 +83,13 @@ def bench_train_loop(out: Path, preset: str, sets: dict[str, Any], utterances: i
               for name in ("straight", "split")}
     result = {"preset": preset, "sets": sets, "utterances": utterances, "frames": list(frames), "steps": 2 * k,
               "resume_at": k, **straight, "resumed_warmup_s": resumed["warmup_s"],
+              "resumed_utt_per_s": resumed["utt_per_s"], "resumed_data_wait": resumed["data_wait"],
               **compare_losses(losses["straight"], losses["split"], k)}
     rows = [{"what": name, "value": result[key]} for name, key in (
         ("utt/s (straight run, from its first step on)", "utt_per_s"), ("audio-s/s", "audio_s_per_s"),
-        ("data wait (share of the loop's time)", "data_wait"), ("warm-up compile s", "warmup_s"),
+        ("data wait (share of the loop's time)", "data_wait"),
+        (f"utt/s of the resumed process (steps {k + 1}-{2 * k})", "resumed_utt_per_s"),
+        ("its data wait", "resumed_data_wait"), ("warm-up compile s", "warmup_s"),
         ("warm-up compile s after resume", "resumed_warmup_s"),
         (f"losses identical, steps 1-{k} (fresh processes)", "identical_before_resume"),
         (f"losses identical, steps {k + 1}-{2 * k} (after the resume)", "identical_after_resume"),
