@@ -7,6 +7,7 @@ counted by reason (with the first keys) in the result's ``damaged``; a set with 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from lmu_asr.model.decode import decode_texts
 from lmu_asr.text import ErrorRates
 from lmu_asr.train import dist
 
+log = logging.getLogger(__name__)
+
 MAX_EXAMPLES = 20
 
 
@@ -38,6 +41,20 @@ def ctc_feasible(out_lengths: torch.Tensor, targets: torch.Tensor, target_length
     pos = torch.arange(targets.shape[1] - 1, device=targets.device)[None, :]
     repeats = ((targets[:, 1:] == targets[:, :-1]) & (pos < target_lengths[:, None] - 1)).sum(1)
     return (target_lengths > 0) & (target_lengths + repeats <= out_lengths)
+
+
+def dev_record(res: dict[str, Any], epoch: int, step: int) -> dict[str, Any]:
+    """The ``eval.jsonl`` record of one epoch's validation; logs its scores and any unreadable utterances (a
+    user must see that part of DEV went unscored, not find a WER over fewer utterances than planned)."""
+    record = {"epoch": epoch, "step": step, "dev_loss": res["loss"], "dev_wer": res["wer"], "dev_cer": res["cer"],
+              "utterances": res["utterances"]}
+    if res["damaged"]["count"]:
+        record["unreadable"] = res["damaged"]["count"]
+        log.warning("dev: %d utterance(s) unreadable and not scored: %s", res["damaged"]["count"],
+                    res["damaged"]["by_reason"])
+    log.info("epoch %d: dev loss %.4f, WER %.2f %%, CER %.2f %%", epoch, res["loss"], 100 * res["wer"],
+             100 * res["cer"])
+    return record
 
 
 def damage_summary(counts: Counter, examples: list[dict]) -> dict[str, Any]:

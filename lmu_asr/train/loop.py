@@ -36,7 +36,7 @@ from lmu_asr.model.asr import LMUASR
 from lmu_asr.train import checkpoint as ckpt
 from lmu_asr.train import dist
 from lmu_asr.train.describe import describe
-from lmu_asr.train.evaluate import evaluate
+from lmu_asr.train.evaluate import dev_record, evaluate
 from lmu_asr.train.metrics import DeviceMonitor, JsonlLog, TensorBoard, Throughput, read_jsonl
 from lmu_asr.train.step import MetricReader, StepRunner, step_record, step_seed
 
@@ -360,17 +360,9 @@ class Trainer:
         if self.dev is not None:
             res = evaluate(self.model, self.dev, self.cfg, self.device, self.cfg.train.eval_beam, self.runner.amp,
                            remote=self.dev_remote)
-            record = {"epoch": epoch, "step": self.step, "dev_loss": res["loss"], "dev_wer": res["wer"],
-                      "dev_cer": res["cer"], "utterances": res["utterances"]}
             self.dev_unreadable = res["damaged"]["count"]
-            if res["damaged"]["count"]:
-                record["unreadable"] = res["damaged"]["count"]
-                log.warning("dev: %d utterance(s) unreadable and not scored: %s", res["damaged"]["count"],
-                            res["damaged"]["by_reason"])
-            self.evallog.write(record)
+            self.evallog.write(dev_record(res, epoch, self.step))
             self.tb.scalars(self.step, {"dev/loss": res["loss"], "dev/wer": res["wer"], "dev/cer": res["cer"]})
-            log.info("epoch %d: dev loss %.4f, WER %.2f %%, CER %.2f %%", epoch, res["loss"], 100 * res["wer"],
-                     100 * res["cer"])
             # ties in WER are common on small dev sets; the dev loss breaks them (and is smoother)
             improved = (res["wer"], res["loss"]) < (self.best_wer, self.best_loss)
             if improved:
