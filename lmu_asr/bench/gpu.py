@@ -347,8 +347,10 @@ def write_summary(out: Path, summary: dict[str, Any]) -> list[Path]:
     if loop.get("status") == "ok":
         head.append(f"`lmuasr train` end to end ({loop['preset']}, {loop['steps']} steps): "
                     f"{loop['utt_per_s'] or 0:.0f} utt/s, data wait {100 * (loop['data_wait'] or 0):.1f} %; "
-                    f"resume at step {loop['resume_at']}: losses identical before it "
-                    f"{loop['identical_before_resume']}, after it {loop['identical_after_resume']}.")
+                    f"a straight run against one resumed at step {loop['resume_at']}: losses identical before "
+                    f"the resume {loop['identical_before_resume']}, after it {loop['identical_after_resume']} (max "
+                    f"relative difference {loop['max_relative_difference_before']:.2g} before, "
+                    f"{loop['max_relative_difference_after']:.2g} after).")
     if sync.get("status") == "ok" and sync.get("syncs_per_step") is not None:
         head.append(f"Host-device synchronisations per steady-state step: {sync['syncs_per_step']:.1f} "
                     f"({sync['where'] or 'none'}).")
