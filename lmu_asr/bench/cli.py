@@ -114,8 +114,8 @@ def bench_scale_cmd(out: Path, preset: str, frames: int, batches: str, precision
 @click.option("--smoke", is_flag=True, help="The same stages at CPU size (CI): checks the kit, measures nothing.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--stages", default="all", show_default=True,
-              help="Comma-separated subset of: train_a100, sync, cudagraphs, train_loop, train_fast_h100, loader, model, "
-                   "compile, scale, ctc, checkpointing, sync_bisect (sync needs train_a100).")
+              help="Comma-separated subset of: train_a100, sync, cudagraphs, train_loop, train_fast_h100, loader, "
+                   "model, compile, scale, ctc, checkpointing, sync_bisect (sync needs train_a100).")
 @user_errors
 def bench_gpu_cmd(out: Path, smoke: bool, device: str, stages: str) -> None:
     """Every GPU measurement in one call of <= 8 minutes (bench/gpu.sh): train, syncs, memory, loader, compile."""

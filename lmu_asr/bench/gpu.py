@@ -313,10 +313,10 @@ def run_kit(out: Path, device: torch.device, smoke: bool = False,
         rows = bench_sync_bisect(out, load_config(preset, None, sets), device, shapes[0], k["sync_steps"])["rows"]
         return {"rows": [{f: r[f] for f in ("variant", "syncs_per_step", "step_ms", "top_stack")} for r in rows]}
 
-    for name, fn in (("train_a100", a100), ("sync", sync), ("cudagraphs", cudagraphs), ("train_loop", train_loop),
-                     ("train_fast_h100", fast),
-                     ("loader", loader), ("model", model), ("compile", compile_), ("scale", scale), ("ctc", ctc),
-                     ("checkpointing", checkpointing), ("sync_bisect", sync_bisect)):
+    for name, fn in (("train_a100", a100), ("sync", sync), ("cudagraphs", cudagraphs),
+                     ("train_loop", train_loop), ("train_fast_h100", fast), ("loader", loader), ("model", model),
+                     ("compile", compile_), ("scale", scale), ("ctc", ctc), ("checkpointing", checkpointing),
+                     ("sync_bisect", sync_bisect)):
         if name not in stages:
             continue
         if name == "sync" and "runner" not in state:

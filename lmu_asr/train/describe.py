@@ -20,6 +20,7 @@ def describe(trainer: Trainer) -> str:
     batches, stats = trainer.epoch_batches(0)
     shards, m = trainer.shards, trainer.model
     flops = count_flops(m, 1, 400)
+    ctc = ctc_choice(trainer)  # once: on CUDA it may run (and warn from) the Triton self-check
     lines = ["# resolved config", trainer.cfg.to_yaml().rstrip(), "", "# data",
              f"shards: {trainer.remote.spec if trainer.remote else shards.directory} "
              f"({len(shards.shard_names)} shard(s), "
@@ -30,8 +31,8 @@ def describe(trainer: Trainer) -> str:
               f"{100 * stats.padding_ratio:.1f} %, skipped: {stats.skipped or 'none'}",
               f"dev: {trainer.dev_name} ({len(trainer.dev)} utterances)" if trainer.dev else "dev: none",
               "", "# model", f"parameters: {m.num_parameters():,}",
-              compile_line(trainer),
-              f"CTC: {ctc_choice(trainer)} (train.ctc={trainer.cfg.train.ctc}; README: The CTC)",
+              compile_line(trainer, ctc),
+              f"CTC: {ctc} (train.ctc={trainer.cfg.train.ctc}; README: The CTC)",
               f"training FLOPs per utterance of 4 s (400 frames): {flops / 1e9:.2f} GFLOP",
               f"device: {trainer.device}, world size {trainer.info.world_size} ({trainer.info.launcher})"]
     return "\n".join(lines)
@@ -46,8 +47,9 @@ def ctc_choice(trainer: Trainer) -> str:
     return runner.ctc if runner is not None else resolve_ctc(trainer.cfg.train.ctc, trainer.device)
 
 
-def compile_line(trainer: Trainer) -> str:
-    """One line on torch.compile: off, one dynamic graph, or the static graphs compiled before the first step."""
+def compile_line(trainer: Trainer, ctc: str) -> str:
+    """One line on torch.compile: off, one dynamic graph, or the static graphs compiled before the first step,
+    and the compile mode, resolved as the runner resolves it from ``ctc`` (what :func:`ctc_choice` said)."""
     from lmu_asr.config import compile_enabled
 
     cfg = trainer.cfg
@@ -57,7 +59,7 @@ def compile_line(trainer: Trainer) -> str:
 
     runner = getattr(trainer, "runner", None)
     mode = runner.compile_mode if runner is not None else resolve_compile_mode(
-        cfg, trainer.device, ctc_choice(trainer), trainer.info.distributed)
+        cfg, trainer.device, ctc, trainer.info.distributed)
     how = (f"; CUDA graphs (train.compile_mode={cfg.train.compile_mode}: each shape's whole step replayed by one "
            "launch)" if mode == "cudagraphs" else f"; inductor (train.compile_mode={cfg.train.compile_mode})")
     shapes = trainer.planned()
