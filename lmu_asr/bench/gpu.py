@@ -257,7 +257,9 @@ def run_kit(out: Path, device: torch.device, smoke: bool = False,
         from lmu_asr.bench.loop_check import bench_train_loop
 
         preset, sets, utterances, steps, frames = k["loop"]
-        return bench_train_loop(out, preset, sets, utterances, steps, frames, device)
+        result = bench_train_loop(out, preset, sets, utterances, steps, frames, device)
+        result.pop("losses")  # per-step losses stay in train_loop.json
+        return result
 
     def fast() -> dict[str, Any]:
         preset, sets, shapes = k["fast"]
@@ -350,7 +352,9 @@ def write_summary(out: Path, summary: dict[str, Any]) -> list[Path]:
                     f"a straight run against one resumed at step {loop['resume_at']}: losses identical before "
                     f"the resume {loop['identical_before_resume']}, after it {loop['identical_after_resume']} (max "
                     f"relative difference {loop['max_relative_difference_before']:.2g} before, "
-                    f"{loop['max_relative_difference_after']:.2g} after).")
+                    f"{loop['max_relative_difference_after']:.2g} after; a second straight run differs by "
+                    f"{loop.get('control_max_relative_difference_after') or 0:.2g} after it: resume within the "
+                    f"run-to-run noise {loop.get('resume_within_noise')}).")
     if sync.get("status") == "ok" and sync.get("syncs_per_step") is not None:
         head.append(f"Host-device synchronisations per steady-state step: {sync['syncs_per_step']:.1f} "
                     f"({sync['where'] or 'none'}).")

@@ -56,9 +56,11 @@ def test_gpu_kit_smoke_under_an_import_blocker(tmp_path: Path) -> None:
     bisect = json.loads((out / "sync_bisect.json").read_text())["rows"]
     assert len(bisect) == 7 and all(r["step_ms"] > 0 for r in bisect)
     assert (out / "train_a100.png").is_file() and (out / "compile.png").is_file()
-    loop = json.loads((out / "train_loop.json").read_text())  # lmuasr train itself, 3 processes
+    loop = json.loads((out / "train_loop.json").read_text())  # lmuasr train itself, 4 processes
     assert loop["same_steps"] and loop["steps"] == 2 * loop["resume_at"]
     assert loop["identical_before_resume"] and loop["identical_after_resume"]  # exact resume on the CPU
+    assert loop["resume_within_noise"] and loop["control_max_relative_difference_after"] == 0.0
+    assert all(len(v) == loop["steps"] for v in loop["losses"].values())
     assert loop["utt_per_s"] > 0 and 0 <= loop["data_wait"] < 1
     a100 = json.loads((out / "train_a100.json").read_text())["rows"][0]
     assert a100["compile"] and a100["batch"] == 8  # the compiled step, CPU-sized

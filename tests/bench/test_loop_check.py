@@ -26,3 +26,21 @@ def test_identical_runs_and_a_difference_on_either_side_of_the_resume() -> None:
 def test_runs_that_logged_different_steps_are_not_called_identical() -> None:
     out = compare_losses({1: 1.0, 2: 0.5}, {1: 1.0}, k=1)
     assert not out["same_steps"] and not out["identical_before_resume"] and not out["identical_after_resume"]
+
+
+def test_a_control_run_tells_grown_noise_from_a_resume_jump() -> None:
+    """On a GPU two fresh runs drift apart as training goes on; the resumed half must stay within that drift."""
+    straight = {s: 3.0 - 0.1 * s for s in range(1, 9)}
+    noisy = {s: v * (1 + 1e-6 * s * s) for s, v in straight.items()}  # run-to-run noise that grows with s
+    control = {s: v * (1 - 1e-6 * s * s) for s, v in straight.items()}
+    grown = compare_losses(straight, noisy, k=4, control=control)
+    assert not grown["identical_after_resume"] and grown["resume_within_noise"]
+    assert abs(grown["control_max_relative_difference_after"] - 64e-6) < 1e-9
+
+    jump = {s: v * (1 + (1e-6 * s * s if s <= 4 else 1e-3)) for s, v in straight.items()}  # a resume bug
+    assert not compare_losses(straight, jump, k=4, control=control)["resume_within_noise"]
+
+    exact = compare_losses(straight, dict(straight), k=4, control=dict(straight))  # the CPU: all bit-exact
+    assert exact["resume_within_noise"] and exact["control_mean_relative_difference_after"] == 0.0
+    tiny = compare_losses(straight, {**straight, 6: straight[6] * (1 + 1e-9)}, k=4, control=dict(straight))
+    assert not tiny["resume_within_noise"]  # a deterministic control leaves no room for any difference
