@@ -37,6 +37,9 @@ def test_pooled_worker_batches_equal_in_process_ones_and_held_batches_survive(tm
             assert torch.equal(old["lengths"], ref["lengths"]) and torch.equal(old["targets"], ref["targets"])
         if k > 0:
             assert b["feats"].is_shared()
+        # the whole batch crossed the process boundary as one buffer: one file-descriptor round trip, not four
+        storages = {b[n].untyped_storage().data_ptr() for n in ("feats", "lengths", "targets", "target_lengths")}
+        assert len(storages) == 1 and b["targets"].dtype == torch.int64 and b["feats"].dtype == torch.float16
 
 
 def test_feature_pool_reuses_and_grows_its_buffers() -> None:
