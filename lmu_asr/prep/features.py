@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,8 +20,6 @@ import soundfile as sf
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
-# The resampler's windowed sinc: zero crossings each side, cutoff as a share of the lower Nyquist, Kaiser beta.
-RESAMPLER = {"zeros": 24, "rolloff": 0.95, "kaiser_beta": 8.6}
 
 
 class AudioError(Exception):
@@ -38,7 +35,6 @@ class FeatureConfig:
     extractor: str = "lhotse.Fbank"
     dither: float = 0.0
     snip_edges: bool = False
-    resampler: str = "kaiser-sinc zeros=24 rolloff=0.95 beta=8.6"  # for audio not at sample_rate (resample())
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,53 +91,17 @@ def num_frames(duration: float, frame_shift: float = 0.01, sample_rate: int = SA
     return int((num_samples + hop // 2) // hop)
 
 
-@lru_cache(maxsize=16)
-def _resample_kernel(old: int, new: int) -> tuple[np.ndarray, int]:
-    """(new, 2 * width + old) FIR taps: output phase j of each block of ``new`` samples from its input block."""
-    zeros, rolloff, beta = RESAMPLER["zeros"], RESAMPLER["rolloff"], RESAMPLER["kaiser_beta"]
-    cutoff = min(old, new) * rolloff
-    width = math.ceil(zeros * old / cutoff)
-    taps = np.arange(-width, width + old, dtype=np.float64)[None, :] / old  # input positions, in blocks
-    phases = -np.arange(new, dtype=np.float64)[:, None] / new  # output positions within a block
-    t = (phases + taps) * cutoff  # in zero crossings of the filter
-    window = np.i0(beta * np.sqrt(np.clip(1 - (t / zeros) ** 2, 0, None))) / np.i0(beta) * (np.abs(t) <= zeros)
-    kernel = np.sinc(t) * window * cutoff / old
-    return kernel.astype(np.float32), width
-
-
-def resample(samples: np.ndarray, source_rate: int, target_rate: int = SAMPLE_RATE,
-             chunk: int = 1 << 14) -> np.ndarray:
-    """Band-limited resampling by a rational factor: a Kaiser-windowed sinc in polyphase form.
-
-    Each block of ``old`` input samples gives ``new`` output samples (``old/new`` = the rates' reduced ratio),
-    so the whole signal is one strided sliding-window matmul, done ``chunk`` blocks at a time: an hour-long
-    podcast needs no more memory than a sentence. Why not lhotse's resampler (6 zero crossings, a Hann window,
-    cutoff at 0.99 of Nyquist), which prep used before: upsampling 8 kHz audio, it leaves the mirror image of
-    3.5 kHz speech at 4.5 kHz only 15 dB down (of 3.0 kHz: 44 dB), spectral content the speaker never made,
-    squarely in the fbank's bins; downsampling 22.05 kHz, an 8.5 kHz tone aliases to 7.5 kHz 12 dB down. This
-    one (24 zero crossings, cutoff at 0.95 of the lower Nyquist, Kaiser beta 8.6) keeps both under -90 dB up to
-    3.7 kHz (for 8 kHz audio), passes 3.5 kHz at -0.1 dB and costs about the same per second of audio.
-    ``examples/onnx_transcribe.py`` carries the same filter for clients without torch.
-    """
+def resample(samples: np.ndarray, source_rate: int, target_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Band-limited resampling (lhotse's torch resampler, cached per rate pair)."""
     if source_rate == target_rate:
         return samples
     import torch
+    from lhotse.augmentation import get_or_create_resampler
 
-    g = math.gcd(int(source_rate), int(target_rate))
-    old, new = int(source_rate) // g, int(target_rate) // g
-    kernel, width = _resample_kernel(old, new)
-    x = np.ascontiguousarray(samples, dtype=np.float32)
-    n_out = math.ceil(new * x.size / old)
-    blocks = math.ceil(n_out / new)
-    padded = torch.from_numpy(np.pad(x, (width, width + old * (blocks + 1) - x.size)))
-    k, taps = torch.from_numpy(kernel)[:, None, :], kernel.shape[1]
-    out = torch.empty(blocks, new)
+    resampler = get_or_create_resampler(int(source_rate), int(target_rate))
     with torch.no_grad():
-        for a in range(0, blocks, chunk):
-            b = min(blocks, a + chunk)
-            span = padded[a * old:(b - 1) * old + taps][None, None]
-            out[a:b] = torch.nn.functional.conv1d(span, k, stride=old)[0].T
-    return out.reshape(-1)[:n_out].numpy()
+        out = resampler(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None])
+    return out[0].numpy()
 
 
 def load_audio(source: str | Path | bytes, target_rate: int = SAMPLE_RATE,
