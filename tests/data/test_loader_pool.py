@@ -44,10 +44,10 @@ def test_pooled_worker_batches_equal_in_process_ones_and_held_batches_survive(tm
 
 def test_feature_pool_reuses_and_grows_its_buffers() -> None:
     pool = FeaturePool(2)
-    a = pool.take((2, 3, 80))
-    b = pool.take((4, 3, 80))
-    c = pool.take((1, 3, 80))  # slot 0 again: same storage, smaller view
-    d = pool.take((8, 3, 80))  # slot 1 again, too small: a new, larger storage
+    a = pool.take_bytes(2 * 2 * 3 * 80)
+    b = pool.take_bytes(2 * 4 * 3 * 80)
+    c = pool.take_bytes(2 * 1 * 3 * 80)  # slot 0 again: same storage, smaller view
+    d = pool.take_bytes(2 * 8 * 3 * 80)  # slot 1 again, too small: a new, larger storage
     assert c.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
     assert d.untyped_storage().nbytes() == 2 * 8 * 3 * 80 != b.untyped_storage().nbytes()
-    assert c.shape == (1, 3, 80) and c.is_contiguous() and c.dtype == torch.float16 and c.is_shared()
+    assert c.shape == (2 * 1 * 3 * 80,) and c.is_contiguous() and c.dtype == torch.uint8 and c.is_shared()
