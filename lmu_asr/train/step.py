@@ -157,6 +157,22 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
 
 
+def seed_step(seed: int, device: torch.device) -> None:
+    """Reseed the two generators a step draws from: the CPU's and ``device``'s own.
+
+    Why not ``torch.manual_seed``: it seeds every backend (each CUDA device, MPS, XPU, MTIA), the uninitialised
+    ones through a lazy call that captures the Python stack: 120 us a step on this CPU, 310 us under a 30-frame
+    stack, against 1-2 us for the generators the step uses: a few per cent of a 7.5 ms CUDA-graph step whose
+    host side paces the loop. The numbers drawn are the same (tested), so resume stays exact.
+    """
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+    elif device.type != "cpu":
+        torch.manual_seed(seed)
+
+
 def autocast_dtype(precision: str, device: torch.device, cpu_autocast: bool = False) -> torch.dtype | None:
     """The autocast dtype of a run: None for fp32, and on CPU unless ``train.cpu_autocast`` asks for it."""
     if precision == "fp32" or (device.type != "cuda" and not cpu_autocast):
@@ -253,7 +269,7 @@ class StepRunner:
     def __call__(self, micro: list[dict], seed: int) -> dict[str, Any]:
         """One optimiser step over ``micro`` (gradient-accumulated) batches; returns device tensors, unread."""
         accum = len(micro)
-        torch.manual_seed(seed)
+        seed_step(seed, self.device)
         self.model.train()
         total = torch.zeros((), device=self.device)
         for a, batch in enumerate(micro):

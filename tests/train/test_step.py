@@ -14,7 +14,7 @@ from lmu_asr.data.dataset import to_device
 from lmu_asr.data.specaug import SpecAugment
 from lmu_asr.model.asr import LMUASR
 from lmu_asr.train.dist import DistInfo
-from lmu_asr.train.step import MetricReader, StepRunner, host_lengths, step_record, synthetic_batch
+from lmu_asr.train.step import MetricReader, StepRunner, host_lengths, seed_step, step_record, synthetic_batch
 
 CPU = torch.device("cpu")
 
@@ -194,3 +194,18 @@ def test_compile_mode_auto_picks_cuda_graphs_only_where_they_hold_the_whole_step
         chosen = load_config("a100-b96", None, {"train.compile_mode": mode})
         assert resolve_compile_mode(chosen, CPU, "aten", distributed=True) == mode
     assert runner_for(train__compile="on").compile_mode == "default"  # what the CPU runner resolved
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_seed_step_draws_what_torch_manual_seed_draws(device: str) -> None:
+    """The step reseeds only its own generators (cheaper): dropout and SpecAugment must draw the same numbers."""
+    dev = torch.device(device)
+    for seed in (0, 12345, 2**62 + 7):
+        torch.rand(3, device=dev)  # move the state on, so a no-op seeding would show
+        torch.manual_seed(seed)
+        want = torch.rand(5), torch.rand(5, device=dev), torch.randint(0, 100, (4,), device=dev)
+        torch.rand(7, device=dev)
+        seed_step(seed, dev)
+        got = torch.rand(5), torch.rand(5, device=dev), torch.randint(0, 100, (4,), device=dev)
+        for w, g in zip(want, got, strict=True):
+            assert torch.equal(w, g)
