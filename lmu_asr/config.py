@@ -44,6 +44,9 @@ class ModelConfig:
     freq_conv: int = 0
     freq_conv_kernel: int = 7
     freq_pool: int = 4
+    # 2: a second layer of as many filters (5 taps over the first layer's maps, after a max over 2 bins; the rest of
+    # freq_pool after it): it sees patterns of formants, with the same tolerance to their shift
+    freq_conv_layers: int = 1
     # also normalise by each utterance's own statistics (channel/speaker normalisation): none | mean | meanvar |
     # causal (the running mean of the frames so far: the same offline and streaming; the default, measured best of
     # the streaming-safe options on unheard FSDD speakers: see README)
@@ -314,6 +317,7 @@ _RANGES: list[tuple[str, float, float, str]] = [
     ("model.attn_left", 0, math.inf, ">= 0"), ("model.input_bins", 0, 80, "in [0, 80]"),
     ("model.lifter", 0, 80, "in [0, 80]"), ("model.freq_conv", 0, 1024, "in [0, 1024] (0: off)"),
     ("model.freq_conv_kernel", 1, 79, "an odd number in [1, 79]"), ("model.freq_pool", 1, 80, "in [1, 80]"),
+    ("model.freq_conv_layers", 1, 2, "1 or 2"),
     ("model.n_mels", 80, 80, "80 (the shards' fbank)"), ("model.vocab_size", 29, 29, "29 (the vocabulary)"),
     ("data.batch_size", 0, math.inf, ">= 0 (0: frame-budget batches)"), ("data.batch_frames", 1, math.inf, ">= 1"),
     ("data.max_frames", 1, math.inf, ">= 1"), ("data.min_frames", 0, math.inf, ">= 0"),
@@ -358,6 +362,8 @@ def validate(cfg: Config) -> None:
     if m.freq_conv_kernel % 2 == 0:  # an even kernel with "same" padding would add a bin
         raise ValueError(f"model.freq_conv_kernel={m.freq_conv_kernel} is out of range: it must be an odd number "
                          "in [1, 79]")
+    if m.freq_conv_layers == 2 and m.freq_pool % 2:  # the second layer runs on bins max-pooled by 2
+        raise ValueError(f"model.freq_pool={m.freq_pool} must be even with model.freq_conv_layers=2")
     if m.utterance_norm not in ("none", "mean", "meanvar", "causal"):
         raise ValueError(f"model.utterance_norm must be none, mean, meanvar or causal, not {m.utterance_norm!r}")
     if m.utterance_norm_window < 1:

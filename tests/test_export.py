@@ -147,7 +147,8 @@ def test_causal_normalisation_streams_in_onnx(tmp_path: Path) -> None:
     cfg = load_config("cpu-tiny", None, {"model.attention": "causal", "model.utterance_norm": "causal",
                                          "model.utterance_norm_window": 30,
                                          "model.lifter": 20,  # the lifter's projection is in the graph too
-                                         "model.freq_conv": 4})  # so is the frequency convolution
+                                         "model.freq_conv": 4,  # so is the frequency convolution,
+                                         "model.freq_conv_layers": 2})  # both of its layers (a speech folder's)
     torch.manual_seed(0)
     model = LMUASR(cfg.model)
     atomic_save(checkpoint_payload(model, cfg), tmp_path / "ck.pt")

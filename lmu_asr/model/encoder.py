@@ -66,16 +66,21 @@ class FreqConv(nn.Module):
     for convolution over frequency in acoustic models). Per frame, so streaming stays exact.
     """
 
-    def __init__(self, n_mels: int, channels: int, kernel: int, pool: int) -> None:
+    def __init__(self, n_mels: int, channels: int, kernel: int, pool: int, layers: int = 1) -> None:
         super().__init__()
         self.conv = nn.Conv1d(1, channels, kernel, padding=kernel // 2)
-        self.pool = pool
+        # the second layer combines neighbouring filters' answers (a formant pattern, not one peak) on bins pooled
+        # by 2; pooling the rest afterwards keeps the output size and the total shift tolerance of one layer
+        self.conv2 = nn.Conv1d(channels, channels, 5, padding=2) if layers == 2 else None
+        self.pools = (pool,) if layers == 1 else (2, pool // 2)
         self.out_dim = channels * (n_mels // pool)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, n_mels) -> (B, T, out_dim)
         B, T, n = x.shape
         y = F.relu(self.conv(x.reshape(B * T, 1, n)))
-        return F.max_pool1d(y, self.pool).reshape(B, T, self.out_dim)
+        if self.conv2 is not None:
+            y = F.relu(self.conv2(F.max_pool1d(y, self.pools[0])))
+        return F.max_pool1d(y, self.pools[-1]).reshape(B, T, self.out_dim)
 
 
 def attention_mask(lengths: Tensor, time: int, kind: str, left: int) -> Tensor:
@@ -164,7 +169,8 @@ class Encoder(nn.Module):
         self.cfg = cfg
         self.front: FreqConv | None = None
         if cfg.freq_conv:
-            self.front = FreqConv(cfg.n_mels, cfg.freq_conv, cfg.freq_conv_kernel, cfg.freq_pool)
+            self.front = FreqConv(cfg.n_mels, cfg.freq_conv, cfg.freq_conv_kernel, cfg.freq_pool,
+                                  cfg.freq_conv_layers)
         self.downsample = Downsample(self.front.out_dim if self.front else cfg.n_mels, cfg.d_model, cfg.downsample)
         max_len = -(-max_frames // cfg.downsample)  # the LMU's cached kernel covers every training bucket
         self.blocks = nn.ModuleList(Block(cfg, max_len) for _ in range(cfg.n_blocks))

@@ -71,12 +71,14 @@ def test_training_steps_with_and_without_compile_agree() -> None:
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
 
 
-def test_freq_conv_streams_pads_and_shifts_with_the_spectrum() -> None:
+@pytest.mark.parametrize("layers", [1, 2])
+def test_freq_conv_streams_pads_and_shifts_with_the_spectrum(layers: int) -> None:
     """model.freq_conv: streaming equals offline, batch padding changes nothing, and the filters are shared along
-    frequency: a spectrum shifted up by ``freq_pool`` bins gives the same pooled outputs one position up."""
+    frequency: a spectrum shifted up by ``freq_pool`` bins gives the same pooled outputs one position up (with two
+    layers too: the second runs on bins pooled by 2, so the shift reaches it as whole bins)."""
     torch.manual_seed(0)
     cfg = ModelConfig(**{**TINY.__dict__, "attention": "causal", "freq_conv": 4, "freq_conv_kernel": 5,
-                         "freq_pool": 4})
+                         "freq_pool": 4, "freq_conv_layers": layers})
     model = LMUASR(cfg).eval()
     model.set_normalization(torch.randn(80), torch.rand(80) + 0.5)
     feats = torch.randn(2, 61, 80)
@@ -93,4 +95,5 @@ def test_freq_conv_streams_pads_and_shifts_with_the_spectrum() -> None:
     shifted = torch.roll(x, 4, dims=2)
     a = front(x).view(1, 3, 4, 20)  # (B, T, channels, pooled positions)
     b = front(shifted).view(1, 3, 4, 20)
-    torch.testing.assert_close(b[..., 2:-1], a[..., 1:-2])  # away from the edges, where padding differs
+    m = layers  # away from the edges, where padding differs (two layers see 6 bins further)
+    torch.testing.assert_close(b[..., 1 + m:-m], a[..., m:-1 - m])
