@@ -121,12 +121,12 @@ def test_demo_seed_seeds_training_too_and_set_wins(tmp_path: Path) -> None:
     cfg = load_config("cpu-small", None, train_overrides(given))
     assert (cfg.train.seed, cfg.train.keep_epoch_checkpoints, cfg.train.epochs) == (7, 0, BUILTIN_EPOCHS)
     # a speech folder trains longer and with two frequency-convolution layers (the built-in corpus keeps one)
-    layers = lambda o: load_config("cpu-small", None, train_overrides(o)).model  # noqa: E731
-    assert (layers(given).freq_conv_layers, layers(given).freq_conv) == (1, 16)
+    assert (cfg.model.freq_conv_layers, cfg.model.freq_conv) == (1, 16)
+    model_of = lambda o: load_config("cpu-small", None, train_overrides(o)).model  # noqa: E731
     folder = DemoOptions(out=tmp_path, speech_dir=tmp_path)
-    assert layers(folder).freq_conv_layers == 2 and train_overrides(folder)["train.epochs"] == SPEECH_DIR_EPOCHS
+    assert model_of(folder).freq_conv_layers == 2 and train_overrides(folder)["train.epochs"] == SPEECH_DIR_EPOCHS
     folder.overrides = {"model.freq_conv_layers": 1}
-    assert layers(folder).freq_conv_layers == 1
+    assert model_of(folder).freq_conv_layers == 1
 
 
 @pytest.mark.parametrize("args,message", [

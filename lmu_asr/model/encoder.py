@@ -72,15 +72,15 @@ class FreqConv(nn.Module):
         # the second layer combines neighbouring filters' answers (a formant pattern, not one peak) on bins pooled
         # by 2; pooling the rest afterwards keeps the output size and the total shift tolerance of one layer
         self.conv2 = nn.Conv1d(channels, channels, 5, padding=2) if layers == 2 else None
-        self.pools = (pool,) if layers == 1 else (2, pool // 2)
+        self.pool = pool if layers == 1 else pool // 2  # the last max-pool's width
         self.out_dim = channels * (n_mels // pool)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, n_mels) -> (B, T, out_dim)
         B, T, n = x.shape
         y = F.relu(self.conv(x.reshape(B * T, 1, n)))
         if self.conv2 is not None:
-            y = F.relu(self.conv2(F.max_pool1d(y, self.pools[0])))
-        return F.max_pool1d(y, self.pools[-1]).reshape(B, T, self.out_dim)
+            y = F.relu(self.conv2(F.max_pool1d(y, 2)))
+        return F.max_pool1d(y, self.pool).reshape(B, T, self.out_dim)
 
 
 def attention_mask(lengths: Tensor, time: int, kind: str, left: int) -> Tensor:
