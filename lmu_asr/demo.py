@@ -208,7 +208,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     t = _step("build corpus", "(lmu_asr.prep.minicorpus: GigaSpeech.json + audio/*.opus)")
     if not (corpus / "GigaSpeech.json").is_file():
         utts = speech_dir_corpus(opts) if opts.speech_dir else builtin_corpus(opts)
-        build_gigaspeech_corpus(utts, corpus, seed=opts.seed)
+        build_gigaspeech_corpus(utts, corpus, seed=opts.seed, jobs=opts.jobs)
         samples = [u for u in utts if u.subset == "TEST"][:3]
         (out / "samples").mkdir(exist_ok=True)
         for u in samples:  # a few single-utterance files for transcribe
