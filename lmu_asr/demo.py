@@ -142,7 +142,7 @@ def synthetic_mix(opts: DemoOptions, train: list[SourceUtterance]) -> list[Sourc
     texts = [u.text for u in train]
     spec = SynthSpec(xs=opts.mix_synthetic, dev=0, test=0, seed=opts.seed + 17,
                      narrowband_hz=rate if rate < SAMPLE_RATE else None)
-    return synthetic_utterances(spec, texts=lambda rng: texts[int(rng.integers(len(texts)))])
+    return synthetic_utterances(spec, texts=lambda rng: texts[int(rng.integers(len(texts)))], jobs=opts.jobs)
 
 
 def builtin_corpus(opts: DemoOptions) -> list[SourceUtterance]:
@@ -151,7 +151,7 @@ def builtin_corpus(opts: DemoOptions) -> list[SourceUtterance]:
     check_available()
     n = 300 if opts.quick else opts.utterances
     spec = SynthSpec(xs=n, dev=max(30, n // 15), test=max(40, n // 8), seed=opts.seed)
-    return synthetic_utterances(spec)
+    return synthetic_utterances(spec, jobs=opts.jobs)
 
 
 def demo_epochs(opts: DemoOptions) -> int:

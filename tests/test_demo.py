@@ -57,9 +57,24 @@ def test_breathy_voices_repeat_across_processes() -> None:
             "for v in ('en+f3', 'en-us+Alicia', 'en+victor', 'en-us+m3'):\n"
             "    a = render('seven eight nine', v, np.random.default_rng(1))\n"
             "    print(v, hashlib.sha256(a.tobytes()).hexdigest())\n")
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-            for _ in range(2)]
+    runs = [_python(code) for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0].splitlines()) == 4
+
+
+def test_synthesis_threads_change_nothing() -> None:
+    """eSpeak stays on the calling thread in a fixed order and the resampling moves to worker threads: one worker
+    and three give the same corpus, sample for sample (fresh processes: eSpeak's output depends on call history)."""
+    code = ("import hashlib, sys\n"
+            "from lmu_asr.prep.synth import SynthSpec, synthetic_utterances\n"
+            "utts = synthetic_utterances(SynthSpec(xs=24, dev=3, test=3, seed=5, narrowband_hz=8000), "
+            "jobs=int(sys.argv[1]))\n"
+            "print(len(utts), hashlib.sha256(b''.join(u.audio.tobytes() + u.text.encode() for u in utts)).hexdigest())\n")
+    one, three = _python(code, "1"), _python(code, "3")
+    assert one == three and one.startswith("30 ")
+
+
+def _python(code: str, *args: str) -> str:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout
 
 
 @pytest.mark.parametrize("factor", [0.9, 1.1])

@@ -16,7 +16,8 @@ import ctypes
 import ctypes.util
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -66,6 +67,11 @@ class ESpeak:
             self._seed.argtypes, self._seed.restype = [ctypes.c_long], None
 
     def say(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int) -> np.ndarray:
+        """16 kHz float32 audio of ``text``."""
+        return resample(self.pcm(text, voice, rate, pitch, pitch_range), self.rate, SAMPLE_RATE)
+
+    def pcm(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int) -> np.ndarray:
+        """eSpeak's own output: float32 at ``self.rate`` (22.05 kHz), before the resampling ``say`` adds."""
         with _LOCK:
             if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
                 raise UserError(f"eSpeak NG has no voice {voice!r}")
@@ -79,7 +85,7 @@ class ESpeak:
             self.lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, 0, None, None)
             self.lib.espeak_Synchronize()
             pcm = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
-        return resample(pcm.astype(np.float32) / 32768.0, self.rate, SAMPLE_RATE)
+        return pcm.astype(np.float32) / 32768.0
 
 
 def _library() -> tuple[str, str | None]:
@@ -176,8 +182,19 @@ def voices(spec: SynthSpec, held_out: bool) -> list[str]:
 
 
 def render(text: str, voice: str, rng: np.random.Generator, narrowband_hz: int | None = None) -> np.ndarray:
-    audio = engine().say(text, voice, rate=int(rng.integers(120, 230)), pitch=int(rng.integers(20, 80)),
-                         pitch_range=int(rng.integers(20, 90)))
+    return _finish(_speak(text, voice, rng), rng, narrowband_hz)
+
+
+def _speak(text: str, voice: str, rng: np.random.Generator) -> np.ndarray:
+    """eSpeak's part of ``render`` (one call at a time, in order: its output depends on call history)."""
+    return engine().pcm(text, voice, rate=int(rng.integers(120, 230)), pitch=int(rng.integers(20, 80)),
+                        pitch_range=int(rng.integers(20, 90)))
+
+
+def _finish(pcm: np.ndarray, rng: np.random.Generator, narrowband_hz: int | None) -> np.ndarray:
+    """The rest of ``render``: resampling (most of its time; torch releases the GIL), gain and a noise floor.
+    ``rng`` is the utterance's own generator, used by nothing else from here on."""
+    audio = resample(pcm, engine().rate, SAMPLE_RATE)
     if narrowband_hz:
         audio = resample(resample(audio, SAMPLE_RATE, narrowband_hz), narrowband_hz, SAMPLE_RATE)
     peak = float(np.abs(audio).max()) or 1.0
@@ -185,13 +202,23 @@ def render(text: str, voice: str, rng: np.random.Generator, narrowband_hz: int |
     return (audio * gain + rng.standard_normal(audio.size).astype(np.float32) * 2e-4).astype(np.float32)
 
 
-def synthetic_utterances(spec: SynthSpec, texts: Callable[[np.random.Generator], str] = sentence
-                         ) -> list[SourceUtterance]:
-    """The built-in corpus as SourceUtterances (audio in memory), ready for ``build_gigaspeech_corpus``."""
+def synthetic_utterances(spec: SynthSpec, texts: Callable[[np.random.Generator], str] = sentence,
+                         jobs: int = 2) -> list[SourceUtterance]:
+    """The built-in corpus as SourceUtterances (audio in memory), ready for ``build_gigaspeech_corpus``.
+
+    eSpeak runs on this thread, one utterance after another in a fixed order; resampling its output (about 60 % of
+    the time) runs on ``jobs`` threads beside it. Each utterance's generator is its own, so the audio is the same
+    for any ``jobs``."""
     train_voices, unseen_voices = voices(spec, False), voices(spec, True)
     plan = [("XS", spec.xs, train_voices), ("S", spec.s, train_voices), ("DEV", spec.dev, unseen_voices),
             ("TEST", spec.test, unseen_voices)]
-    out = []
+    with ThreadPoolExecutor(max(1, jobs)) as workers:
+        todo = list(_planned(spec, texts, plan, workers))
+    return [SourceUtterance(uid, speaker, text, subset, audio.result()) for uid, speaker, text, subset, audio in todo]
+
+
+def _planned(spec: SynthSpec, texts: Callable[[np.random.Generator], str], plan: list[tuple[str, int, list[str]]],
+             workers: ThreadPoolExecutor) -> Iterator[tuple[str, str, str, str, Future[np.ndarray]]]:
     for part, (subset, count, pool) in enumerate(plan):
         for i in range(count):
             # one generator per utterance: what is said, by whom and how never depends on earlier audio lengths
@@ -199,10 +226,8 @@ def synthetic_utterances(spec: SynthSpec, texts: Callable[[np.random.Generator],
             rng = np.random.default_rng([spec.seed, part, i])
             voice = str(pool[int(rng.integers(len(pool)))])
             text = texts(rng)
-            audio = render(text, voice, rng, spec.narrowband_hz)
-            out.append(SourceUtterance(f"synth_{subset.lower()}_{i:06d}", voice.replace("+", "_"), text, subset,
-                                       audio))
-    return out
+            audio = workers.submit(_finish, _speak(text, voice, rng), rng, spec.narrowband_hz)
+            yield f"synth_{subset.lower()}_{i:06d}", voice.replace("+", "_"), text, subset, audio
 
 
 def check_available() -> None:
