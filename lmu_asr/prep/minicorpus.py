@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +32,7 @@ import numpy as np
 import soundfile as sf
 
 from lmu_asr import UserError
+from lmu_asr.fileio import atomic_write, atomic_write_with
 from lmu_asr.prep.features import SAMPLE_RATE, load_audio
 
 TRAIN_LEVELS = ("XS", "S", "M", "L", "XL")
@@ -134,19 +134,18 @@ def build_gigaspeech_corpus(utterances: Iterable[SourceUtterance], out_dir: str 
         raise UserError("no utterances to build a corpus from")
     audios, counts = [], {"recordings": 0, "segments": 0, "garbage_segments": 0}
     pending: deque[tuple[dict, Future[str]]] = deque()
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
+    jobs = max(1, jobs)
+    with ThreadPoolExecutor(jobs) as pool:
         for entry, audio in _recordings(groups, rng, per_recording, garbage_prob, punctuate, counts):
             pending.append((entry, pool.submit(_write_opus, out_dir / entry["path"], audio)))
-            while len(pending) > 2 * max(1, jobs):
+            while len(pending) > 2 * jobs:
                 _finish(audios, *pending.popleft())
         while pending:
             _finish(audios, *pending.popleft())
     meta = {"dataset": "GigaSpeech", "language": "EN", "version": "v1.0.0-mini",
             "description": "miniature corpus in the GigaSpeech layout, built by lmu_asr.prep.minicorpus",
             "audios": audios}
-    tmp = out_dir / "GigaSpeech.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out_dir / "GigaSpeech.json")
+    atomic_write(out_dir / "GigaSpeech.json", json.dumps(meta, indent=1))
     return counts
 
 
@@ -157,11 +156,9 @@ def _finish(audios: list[dict], entry: dict, md5: Future[str]) -> None:
 
 def _write_opus(path: Path, audio: np.ndarray) -> str:
     """Encode one recording under a temporary name, rename it, and return its md5 (as GigaSpeech.json lists)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.opus")
     # compression_level 0.8: ~57 kbps, twice as fast to encode as the default (~25 kbps)
-    sf.write(tmp, audio, SAMPLE_RATE, format="OGG", subtype="OPUS", compression_level=0.8)
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda f: sf.write(f, audio, SAMPLE_RATE, format="OGG", subtype="OPUS",
+                                               compression_level=0.8))
     return _md5(path)
 
 

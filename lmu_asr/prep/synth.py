@@ -40,7 +40,7 @@ _LOCK = threading.Lock()
 
 
 class ESpeak:
-    """A process-wide eSpeak NG instance (the library is not re-entrant) that returns 16 kHz float32 audio."""
+    """A process-wide eSpeak NG instance (the library is not re-entrant) that returns its float32 output."""
 
     def __init__(self) -> None:
         path, data = _library()
@@ -66,12 +66,8 @@ class ESpeak:
         if self._seed is not None:
             self._seed.argtypes, self._seed.restype = [ctypes.c_long], None
 
-    def say(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int) -> np.ndarray:
-        """16 kHz float32 audio of ``text``."""
-        return resample(self.pcm(text, voice, rate, pitch, pitch_range), self.rate, SAMPLE_RATE)
-
     def pcm(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int) -> np.ndarray:
-        """eSpeak's own output: float32 at ``self.rate`` (22.05 kHz), before the resampling ``say`` adds."""
+        """eSpeak's own output: float32 at ``self.rate`` (22.05 kHz); ``render`` resamples it to 16 kHz."""
         with _LOCK:
             if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
                 raise UserError(f"eSpeak NG has no voice {voice!r}")
