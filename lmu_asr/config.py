@@ -71,6 +71,9 @@ class SpecAugmentConfig:
     time_width: float = 0.05  # fraction of each utterance's length
     time_width_max: int = 40
     freq_warp: float = 0.0  # vocal-tract-like warp: mel axis scaled by U[1-w, 1+w] per utterance (0: off)
+    # speaking-rate perturbation: each utterance's time axis stretched by exp(U[-t, t]) (pitch and formants kept,
+    # unlike speed perturbation); 0: off. The padded length grows by exp(t). See SpecAugment.stretch.
+    tempo: float = 0.0
     # recording-floor augmentation: each utterance's log-mel energies are raised to a floor drawn U[lo, hi] dB below
     # its own peak (as if recorded with that much noise or range); (0, 0): off. See data/specaug.py.
     floor_db: tuple[float, float] = (0.0, 0.0)
@@ -325,7 +328,7 @@ _RANGES: list[tuple[str, float, float, str]] = [
     ("data.prefetch", 1, math.inf, ">= 1"), ("data.specaug.freq_masks", 0, 80, "in [0, 80]"),
     ("data.specaug.freq_width", 0, 80, "in [0, 80]"), ("data.specaug.time_masks", 0, math.inf, ">= 0"),
     ("data.specaug.time_width", 0, 1, "in [0, 1]"), ("data.specaug.time_width_max", 0, math.inf, ">= 0"),
-    ("data.specaug.freq_warp", 0, 0.5, "in [0, 0.5]"),
+    ("data.specaug.freq_warp", 0, 0.5, "in [0, 0.5]"), ("data.specaug.tempo", 0, 0.5, "in [0, 0.5]"),
     ("optim.lr", 1e-12, math.inf, "> 0"), ("optim.weight_decay", 0, math.inf, ">= 0"),
     ("optim.warmup_steps", 0, math.inf, ">= 0"), ("optim.min_lr_ratio", 0, 1, "in [0, 1]"),
     ("optim.grad_clip", 0, math.inf, ">= 0 (0: no clipping)"), ("optim.grad_accum", 1, math.inf, ">= 1"),

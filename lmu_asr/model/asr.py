@@ -103,7 +103,8 @@ class LMUASR(nn.Module):
 
     def forward(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         augment = self.augment if self.training else None
-        if augment is not None:  # raw energies first (the recording floor), masks on the normalised features
+        if augment is not None:  # raw energies first (rate, recording floor), masks on the normalised features
+            feats, lengths = augment.stretch(feats, lengths)
             feats = augment.raw(feats, lengths)
         x = self.normalize(feats, lengths)
         if augment is not None:

@@ -215,6 +215,10 @@ class StepRunner:
         self.compiled = compile_enabled(cfg, device.type)
         dynamic = cfg.train.compile_shapes == "dynamic"
         self.ctc = resolve_ctc(cfg.train.ctc, device)
+        # data.specaug.tempo: the model changes each utterance's length, so the loader's host copies of the output
+        # lengths are wrong; ATen's CTC then copies the device lengths (on CUDA, blocking; the Triton CTC never
+        # reads host lengths)
+        self.stretches = model.augment is not None and cfg.data.specaug.enabled and cfg.data.specaug.tempo > 0
         # CUDA graphs replay a whole step's kernels with one launch: what a host-bound step (small batches on a
         # fast GPU) needs. With our Triton CTC (device lengths, no host copy) the graph holds forward + CTC +
         # backward; ATen's CTC cannot be captured (host lengths, blocking copies), so with it this mode compiles
@@ -259,6 +263,8 @@ class StepRunner:
             torch.compiler.cudagraph_mark_step_begin()
         # the Triton CTC reads the device lengths: no CPU tensor enters the graph (a CUDA graph could not take it)
         host_out, host_tl = host_lengths(batch, self.cfg.model.downsample) if self.ctc == "aten" else (None, None)
+        if self.stretches:  # the model draws each utterance's new length on the device: no host copy of it
+            host_out = None
         b = to_device(batch, self.device)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             loss = self.fn(b["feats"], b["lengths"], b["targets"], b["target_lengths"], host_out, host_tl)

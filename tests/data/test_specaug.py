@@ -59,3 +59,37 @@ def test_the_model_applies_the_floor_in_training_only() -> None:
         plain.eval()
         floored.eval()
         torch.testing.assert_close(plain(x, lengths)[0], floored(x, lengths)[0])  # evaluation: untouched
+
+
+def test_tempo_stretch_matches_a_plain_interpolation_reference() -> None:
+    """Each row becomes round(L * r) frames read at t * L / L' by linear interpolation (numpy's interp per bin);
+    the padded length is ceil(T * exp(tempo)) whatever was drawn; padding and empty rows stay 0."""
+    aug = SpecAugment(SpecAugmentConfig(tempo=0.3))
+    T = 40
+    x = torch.randn(5, T, 80) + 3.0
+    lengths = torch.tensor([40, 33, 17, 2, 0])
+    x[lengths[:, None] <= torch.arange(T)[None, :]] = 0.0
+    torch.manual_seed(3)
+    y, new = aug.stretch(x, lengths)
+    assert y.shape == (5, int(np.ceil(T * np.exp(0.3))), 80)
+    for i, (n, m) in enumerate(zip(lengths.tolist(), new.tolist(), strict=True)):
+        if n == 0:
+            assert m == 0 and not bool(y[i].any())
+            continue
+        assert round(n * np.exp(-0.3)) <= m <= round(n * np.exp(0.3))
+        pos = np.minimum(np.arange(m) * n / m, n - 1)
+        ref = np.stack([np.interp(pos, np.arange(n), x[i, :n, f].numpy()) for f in range(80)], axis=1)
+        np.testing.assert_allclose(y[i, :m].numpy(), ref, rtol=1e-5, atol=1e-5)
+        assert not bool(y[i, m:].any())
+
+
+def test_tempo_draws_both_ways_and_is_off_by_default() -> None:
+    aug = SpecAugment(SpecAugmentConfig(tempo=0.2))
+    lengths = torch.full((400,), 100)
+    torch.manual_seed(0)
+    _, new = aug.stretch(torch.randn(400, 100, 4), lengths)
+    assert 78 <= int(new.min()) < 90 and 110 < int(new.max()) <= 123  # exp(+-0.2): 82-122 frames
+    assert 0.97 < float(new.float().log().sub(np.log(100)).exp().mean()) < 1.05  # log-uniform around 1
+    x = torch.randn(2, 10, 80)
+    y, n = SpecAugment(SpecAugmentConfig()).stretch(x, torch.tensor([10, 6]))
+    assert y is x and n.tolist() == [10, 6]

@@ -209,3 +209,24 @@ def test_seed_step_draws_what_torch_manual_seed_draws(device: str) -> None:
         got = torch.rand(5), torch.rand(5, device=dev), torch.randint(0, 100, (4,), device=dev)
         for w, g in zip(want, got, strict=True):
             assert torch.equal(w, g)
+
+
+def test_a_stretching_model_gets_its_own_output_lengths_into_the_ctc() -> None:
+    """With data.specaug.tempo the model draws new lengths on the device: the loss must use them, not the
+    loader's host copies (which would score padding, or cut stretched utterances short, silently)."""
+    from lmu_asr.model.asr import ctc_loss
+
+    runner = runner_for(data__specaug__tempo=0.2, train__ctc="aten", data__specaug__freq_masks=0,
+                        data__specaug__time_masks=0)
+    assert runner.stretches
+    batch = synthetic_batch(4, 128, seed=3)
+    batch["lengths_host"] = batch["lengths"].clone()
+    batch["target_lengths_host"] = batch["target_lengths"].clone()
+    runner.model.train()
+    torch.manual_seed(11)
+    logits, out_lengths = runner.model(batch["feats"], batch["lengths"])
+    assert not torch.equal(out_lengths, host_lengths(batch, 2)[0])  # the draw moved the lengths
+    expected = ctc_loss(logits, out_lengths, batch["targets"], batch["target_lengths"])
+    torch.manual_seed(11)
+    torch.testing.assert_close(runner._loss(batch, 1.0), expected)
+    assert not runner_for(train__ctc="aten").stretches  # off by default
