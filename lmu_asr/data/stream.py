@@ -139,7 +139,9 @@ def open_remote(spec: str) -> tuple[ShardSet, RemoteShards]:
         sizes = {s["name"]: int(s["bytes"]) for s in json.loads(meta)["shards"]}
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"{remote.sibling('meta.json')} is not an lmu-asr meta.json ({err})") from None
-    if not (local / "index.parquet").is_file() or (local / "meta.json").read_bytes() != meta:
+    # another rank may be filling the same cache: index.parquet can exist before meta.json (written last, atomically)
+    cached = local / "meta.json"
+    if not (local / "index.parquet").is_file() or not cached.is_file() or cached.read_bytes() != meta:
         atomic_write(local / "index.parquet", remote.fetch("index.parquet"))
         atomic_write(local / "meta.json", meta)
     missing = sorted(set(sizes) - set(remote.names))
