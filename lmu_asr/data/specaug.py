@@ -63,42 +63,52 @@ class SpecAugment(nn.Module):
         level = peak - depth * (math.log(10) / 10)  # dB -> natural-log energy units (lhotse's fbank)
         return torch.where(valid, torch.logaddexp(x, level[:, None, None]), x)
 
+    @property
+    def changes_lengths(self) -> bool:
+        """Whether training draws new utterance lengths (``tempo``): the train step must then give the CTC the
+        model's output lengths, not the loader's host copies."""
+        return self.cfg.enabled and self.cfg.tempo > 0
+
     def stretch(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """Speaking-rate perturbation: each utterance's frames resampled to ``round(L * r)`` frames,
         r = exp(U[-tempo, tempo]) (linear interpolation between neighbouring frames); the new lengths come back.
 
         Speakers differ in speaking rate (FSDD's five say a digit in 0.35-0.52 s on average). Speed perturbation
         changes the rate together with pitch and formants; this changes only the rate, on the features, at no cost
-        in the data pipeline. It draws from torch's global generator like the masks (reseeded every step). The padded length becomes ``ceil(T * exp(tempo))`` whatever was drawn, so
-        a batch's shape is still a function of its bucket (one compiled graph per bucket); rows of length 0 (empty
-        or damaged) stay empty."""
-        width = self.cfg.tempo
-        if not self.cfg.enabled or width <= 0:
+        in the data pipeline. It draws from torch's global generator like the masks (reseeded every step). The
+        padded length becomes ``ceil(T * exp(tempo))`` whatever was drawn, so a batch's shape is still a function
+        of its bucket (one compiled graph per bucket); rows of length 0 (empty or damaged) stay empty."""
+        if not self.changes_lengths:
             return feats, lengths
-        B, T, F = feats.shape
-        T2 = math.ceil(T * math.exp(width))
+        width = self.cfg.tempo
+        B, T2 = feats.shape[0], math.ceil(feats.shape[1] * math.exp(width))
         rate = torch.exp((torch.rand(B, device=feats.device) * 2 - 1) * width)
         new = torch.where(lengths > 0, torch.round(lengths * rate).clamp(min=1), 0).to(lengths.dtype)
         t = torch.arange(T2, device=feats.device, dtype=torch.float32)[None, :]
         last = (lengths - 1).clamp(min=0)[:, None]
         # frame t of the new utterance reads the old one at t * L / L' (the last frame maps at most to the last)
         pos = torch.minimum(t * (lengths / new.clamp(min=1)).to(torch.float32)[:, None], last.to(torch.float32))
-        lo = pos.floor().long()
-        hi = torch.minimum(lo + 1, last)
-        w = (pos - lo).to(feats.dtype)[..., None]
-        take = lambda idx: feats.gather(1, idx[..., None].expand(B, T2, F))  # noqa: E731
-        out = take(lo) * (1 - w) + take(hi) * w
+        out = _interpolate(feats, 1, pos, last)
         return out * (t < new[:, None]).to(out.dtype)[..., None], new
 
     @staticmethod
     def warp(x: Tensor, width: float) -> Tensor:
         """Resample each utterance's mel axis at f * alpha, alpha ~ U[1-width, 1+width] (linear interpolation,
         edges held): a cheap stand-in for vocal-tract length perturbation, one gather for the whole batch."""
-        B, T, F = x.shape
+        B, _, F = x.shape
         alpha = 1.0 + (torch.rand(B, device=x.device) * 2 - 1) * width
         pos = (torch.arange(F, device=x.device, dtype=torch.float32)[None, :] * alpha[:, None]).clamp(max=F - 1)
-        lo = pos.floor().long()
-        hi = (lo + 1).clamp(max=F - 1)
-        w = (pos - lo).to(x.dtype)[:, None, :]
-        take = lambda idx: x.gather(2, idx[:, None, :].expand(B, T, F))  # noqa: E731
-        return take(lo) * (1 - w) + take(hi) * w
+        return _interpolate(x, 2, pos, torch.tensor(F - 1, device=x.device))
+
+
+def _interpolate(x: Tensor, dim: int, pos: Tensor, last: Tensor) -> Tensor:
+    """``x`` (B, T, F) read at fractional positions ``pos`` (B, N) along ``dim`` (1: time, 2: frequency), the
+    same positions for every index of the other axis, by linear interpolation between neighbours; ``last``: the
+    highest index a neighbour may have (per row, or one for all). One gather per neighbour for the whole batch."""
+    lo = pos.floor().long()
+    hi = torch.minimum(lo + 1, last)
+    w = (pos - lo).to(x.dtype).unsqueeze(3 - dim)
+    shape = list(x.shape)
+    shape[dim] = pos.shape[1]
+    take = lambda idx: x.gather(dim, idx.unsqueeze(3 - dim).expand(shape))  # noqa: E731
+    return take(lo) * (1 - w) + take(hi) * w

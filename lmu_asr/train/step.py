@@ -218,7 +218,7 @@ class StepRunner:
         # data.specaug.tempo: the model changes each utterance's length, so the loader's host copies of the output
         # lengths are wrong; ATen's CTC then copies the device lengths (on CUDA, blocking; the Triton CTC never
         # reads host lengths)
-        self.stretches = model.augment is not None and cfg.data.specaug.enabled and cfg.data.specaug.tempo > 0
+        self.stretches = model.augment is not None and model.augment.changes_lengths
         # CUDA graphs replay a whole step's kernels with one launch: what a host-bound step (small batches on a
         # fast GPU) needs. With our Triton CTC (device lengths, no host copy) the graph holds forward + CTC +
         # backward; ATen's CTC cannot be captured (host lengths, blocking copies), so with it this mode compiles
