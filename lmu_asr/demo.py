@@ -37,7 +37,8 @@ from lmu_asr.prep.synth import SynthSpec
 log = logging.getLogger(__name__)
 
 
-BUILTIN_EPOCHS = 20  # see the README (accuracy table): 25 took 469-479 s in all on a slow day, 22 took 424-456 s (2026-11-27)
+# see the README (accuracy table): on 2026-11-27, a slow day, 25 epochs took 469-479 s in all, 22 took 424-456 s
+BUILTIN_EPOCHS = 20
 # A speech folder's default. FSDD with speaker theo held out, beam 512 + LM, seeds 0-3: 40 epochs gave 10.2, 16.2,
 # 19.2, 13.0 % WER (mean 14.7) and 80 gave 11.2, 12.4, 16.8, 11.4 % (mean 13.0): more passes over four voices help
 # the unseen fifth. FSDD's own split pays in greedy WER (1.2-1.6 -> 2.0-3.2 %), not with the LM (<= 1 % on three
