@@ -72,7 +72,9 @@ class SpecAugmentConfig:
     time_width_max: int = 40
     freq_warp: float = 0.0  # vocal-tract-like warp: mel axis scaled by U[1-w, 1+w] per utterance (0: off)
     # speaking-rate perturbation: each utterance's time axis stretched by exp(U[-t, t]) (pitch and formants kept,
-    # unlike speed perturbation); 0: off. The padded length grows by exp(t). See SpecAugment.stretch.
+    # unlike speed perturbation); 0: off. The padded length grows by exp(t). See SpecAugment.stretch. Off by
+    # default: on unheard FSDD voices (0.2, three seeds each) it helped the slow speakers, cost the fast ones
+    # and left the mean where it was (README, held-out table).
     tempo: float = 0.0
     # recording-floor augmentation: each utterance's log-mel energies are raised to a floor drawn U[lo, hi] dB below
     # its own peak (as if recorded with that much noise or range); (0, 0): off. See data/specaug.py.
