@@ -19,6 +19,7 @@ from lmu_asr.cli_common import (  # noqa: F401
     NONNEG,
     POS,
     _overrides,
+    eval_vtln,
     int_list,
     lm_options,
     resolve_device,
@@ -179,10 +180,16 @@ def train(shards: str, dev_shards: str | None, out: Path, preset: str | None, co
 @click.option("--beam", default=0, show_default=True, type=NONNEG, help="Prefix beam width (0: greedy).")
 @click.option("--report", type=click.Path(path_type=Path), help="JSON report path (default: beside the checkpoint).")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--vtln", is_flag=True, help="One frequency warp per speaker of the index, chosen from the posteriors "
+              "(test-time VTLN; needs a shard folder whose index names speakers).")
+@click.option("--warps", default="0.92,0.96,1,1.04,1.08", show_default=True, help="--vtln: the warps tried.")
+@click.option("--band-edge-hz", type=click.FloatRange(min=1000), help="--vtln: the recordings' upper band edge "
+              "(half their sample rate), which the warp keeps in place (default: the whole fbank axis).")
 @lm_options
 @user_errors
-def eval_cmd(checkpoint: Path, shards: str, beam: int, report: Path | None, device: str, lm_dir: Path | None,
-             lm_weight: float | None, word_score: float | None, lexicon: bool | None) -> None:
+def eval_cmd(checkpoint: Path, shards: str, beam: int, report: Path | None, device: str, vtln: bool, warps: str,
+             band_edge_hz: float | None, lm_dir: Path | None, lm_weight: float | None, word_score: float | None,
+             lexicon: bool | None) -> None:
     """WER/CER (GigaSpeech scoring) of a checkpoint on a shard set; writes a JSON report."""
     import json
 
@@ -198,9 +205,13 @@ def eval_cmd(checkpoint: Path, shards: str, beam: int, report: Path | None, devi
     words = word_decoder(lm_dir, beam, lm_weight, word_score, lexicon)  # flag errors before the model loads
     model, cfg = model_from_checkpoint(checkpoint, dev)
     shard_set, remote = open_shards(shards)
-    res = evaluate(model, shard_set, cfg, dev, beam=beam, keep_hyps=True, decoder=words.decode if words else None,
-                   remote=remote)
     label = words.opts.label() if words else ("beam" + str(beam) if beam > 1 else "greedy")
+    if vtln:
+        res = eval_vtln(model, cfg, dev, shard_set, remote, warps, band_edge_hz, words, beam, label)
+        label += "+vtln"
+    else:
+        res = evaluate(model, shard_set, cfg, dev, beam=beam, keep_hyps=True,
+                       decoder=words.decode if words else None, remote=remote)
     if words:
         from lmu_asr.lm.decode import describe
 
@@ -223,6 +234,10 @@ def eval_cmd(checkpoint: Path, shards: str, beam: int, report: Path | None, devi
         shown = ", ".join(f"{spk} {100 * v['wer']:.2f} %" for spk, v in by[:MAX_SPEAKERS_SHOWN])
         more = ", worst first, all in the report" if len(by) > MAX_SPEAKERS_SHOWN else ""
         click.echo(f"WER by speaker ({len(by)}{more}): {shown}")
+    if vtln:
+        from lmu_asr.model.vtln import warp_summary
+
+        click.echo(f"warps: {warp_summary(res['warps'])}")
     click.echo(f"report: {report}")
     lost = res["damaged"]
     if lost["count"]:  # a score over part of the set: said, and not a success
@@ -300,11 +315,13 @@ def plot(run: Path, out: Path | None) -> None:
               help="Seeds the corpus (voices, grouping into recordings) and training (train.seed = 1234 + N).")
 @click.option("--lm/--no-lm", "use_lm", default=True, show_default=True,
               help="Build a word LM from the training transcripts, tune it on DEV, report TEST with and without it.")
+@click.option("--vtln", is_flag=True, help="Also score TEST with one frequency warp per test speaker, chosen from "
+              "the model's posteriors (rows greedy+vtln and, with the LM, beam512+lm+vtln).")
 @click.option("--progress/--no-progress", default=True)
 @user_errors
 def demo(out: Path, speech_dir: Path | None, test_speakers: str, test_pattern: str | None, mix_synthetic: int,
          speed_perturb: str, preset: str, epochs: int | None, sets: tuple[str, ...], utterances: int, quick: bool, jobs: int,
-         beam: int, seed: int, use_lm: bool, progress: bool) -> None:
+         beam: int, seed: int, use_lm: bool, vtln: bool, progress: bool) -> None:
     """Build a corpus, prep, train, evaluate on held-out speakers, transcribe, bench, and write a report."""
     from lmu_asr.demo import DemoOptions, run_demo
     from lmu_asr.demo_report import summary_screen
@@ -322,7 +339,7 @@ def demo(out: Path, speech_dir: Path | None, test_speakers: str, test_pattern: s
     opts = DemoOptions(out=out, speech_dir=speech_dir, test_speakers=[s for s in test_speakers.split(",") if s],
                        test_pattern=test_pattern, mix_synthetic=mix_synthetic, speed_perturb=speeds, preset=preset, epochs=epochs,
                        overrides=_overrides(sets), utterances=utterances, quick=quick, jobs=jobs, beam=beam,
-                       seed=seed, progress=progress, lm=use_lm)
+                       seed=seed, progress=progress, lm=use_lm, vtln=vtln)
     click.echo(summary_screen(run_demo(opts)))
 
 

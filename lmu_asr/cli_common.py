@@ -97,3 +97,25 @@ def resolve_device(device: str):  # noqa: ANN201 (torch.device)
     import torch
 
     return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def eval_vtln(model: Any, cfg: Any, device: Any, shard_set: Any, remote: Any, warps_text: str,
+              band_edge_hz: float | None, words: Any, beam: int, label: str) -> dict[str, Any]:
+    """``eval --vtln``: the set scored with one warp per speaker, by the decoder the other flags chose."""
+    import torch
+
+    from lmu_asr.model.decode import beam_texts
+    from lmu_asr.model.vtln import parse_warps
+    from lmu_asr.train.evaluate import evaluate_vtln
+
+    if remote is not None:
+        raise UserError("--vtln needs a shard folder (it decodes the set once per warp), not URLs")
+    if not shard_set.speakers():
+        raise UserError(f"--vtln: the index of {shard_set.directory} names no speakers to choose warps for")
+    try:
+        warps = parse_warps(warps_text)
+    except ValueError as err:
+        raise UserError(f"--warps: {err}") from None
+    decode = words.decode if words else None if beam <= 1 else \
+        (lambda lp: beam_texts(torch.from_numpy(lp)[None], torch.tensor([len(lp)]), beam)[0])
+    return evaluate_vtln(model, shard_set, cfg, device, warps, {label: decode}, band_edge_hz)[label + "+vtln"]

@@ -70,6 +70,7 @@ class DemoOptions:
     jobs: int = 2
     beam: int = 8
     lm: bool = True  # build a word LM from the training transcripts, tune it on DEV, decode TEST with it
+    vtln: bool = False  # also score TEST with one frequency warp per test speaker (lmu_asr.model.vtln)
     progress: bool = True
 
 
@@ -155,6 +156,21 @@ def builtin_corpus(opts: DemoOptions) -> list[SourceUtterance]:
     return synthetic_utterances(spec, jobs=opts.jobs)
 
 
+def band_edge_hz(opts: DemoOptions) -> float | None:
+    """Half the lowest sample rate among a speech folder's recordings (None: the built-in 16 kHz corpus, whose band
+    is the whole fbank axis). The VTLN warp keeps this edge where it is: 8 kHz recordings upsampled to 16 kHz have
+    nothing above 4 kHz but the resampler's images, and moving that edge costs more than the warp gains."""
+    if opts.speech_dir is None:
+        return None
+    rates = set()
+    for row in read_speech_dir(opts.speech_dir):
+        try:
+            rates.add(sf.info(str(opts.speech_dir / row["path"])).samplerate)
+        except (RuntimeError, OSError):  # unreadable files are counted and skipped by prep, not here
+            continue
+    return min(rates) / 2 if rates else None
+
+
 def demo_epochs(opts: DemoOptions) -> int:
     """--epochs, else the demo's measured choice for its corpus (not the preset's, which is sized for no corpus)."""
     if opts.epochs:
@@ -188,9 +204,10 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from lmu_asr.config import load_config
     from lmu_asr.data.shards import ShardSet
     from lmu_asr.infer import transcribe_files
+    from lmu_asr.model.vtln import DEFAULT_WARPS, warp_summary
     from lmu_asr.prep.pipeline import PrepOptions, run_prep
     from lmu_asr.train.checkpoint import model_from_checkpoint
-    from lmu_asr.train.evaluate import evaluate
+    from lmu_asr.train.evaluate import evaluate, evaluate_vtln
     from lmu_asr.train.loop import Trainer
     from lmu_asr.train.metrics import plot_run
 
@@ -199,7 +216,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         assign_speech_dir(opts)
     (out / "corpus").mkdir(parents=True, exist_ok=True)
     spec_file = out / "demo.json"
-    spec = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k not in ("progress", "jobs", "lm")}
+    spec = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k not in ("progress", "jobs", "lm", "vtln")}
     if spec_file.is_file() and json.loads(spec_file.read_text()) != spec:
         raise UserError(f"{out} holds a demo run with other options; choose a new --out")
     atomic_write(spec_file, json.dumps(spec, indent=1))
@@ -264,6 +281,19 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
               f"{100 * tuned['dev_wer']:.2f} %); TEST WER {100 * results[key]['wer']:.2f} % "
               f"(greedy {100 * results['greedy']['wer']:.2f} %)", flush=True)
         timings["lm"] = time.perf_counter() - t
+    if opts.vtln and not test.speakers():
+        print("   --vtln: the test index names no speakers; no warps chosen", flush=True)
+    elif opts.vtln:
+        edge = band_edge_hz(opts)
+        t = _step("speaker warps (VTLN)", f"lmuasr eval --checkpoint {ckpt} --shards {shards['test']} --vtln"
+                                          + (f" --band-edge-hz {edge:g}" if edge else "") + " [--lm ...]")
+        decoders = {"greedy": None, **({words.opts.label(): words.decode} if words is not None else {})}
+        results.update(evaluate_vtln(model, test, mcfg, device, DEFAULT_WARPS, decoders, edge))
+        chosen = next(v["warps"] for k, v in results.items() if k.endswith("+vtln"))
+        print(f"   warps: {warp_summary(chosen)}; TEST WER "
+              + ", ".join(f"{100 * v['wer']:.2f} % {k}" for k, v in results.items() if k.endswith("+vtln")),
+              flush=True)
+        timings["vtln"] = time.perf_counter() - t
     atomic_write(run / "eval_test.json", json.dumps(results, indent=1))
 
     samples = sorted(p for p in (out / "samples").iterdir() if p.suffix != ".tsv")

@@ -105,7 +105,7 @@ def test_demo_epochs_by_corpus_and_flags(tmp_path: Path) -> None:
 
 def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    code, output = run_cli("demo", "--quick", "--out", str(out), "--no-progress")
+    code, output = run_cli("demo", "--quick", "--vtln", "--out", str(out), "--no-progress")
     assert code == 0, output
     summary = json.loads((out / "summary.json").read_text())
     assert "lmu-asr demo: done" in output and str(out / "report.md") in output
@@ -115,7 +115,11 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     assert len(summary["transcripts"]) == 3 and all(t["reference"] for t in summary["transcripts"])
     report = (out / "report.md").read_text()
     assert "| greedy |" in report and "| beam8 |" in report and (out / "run" / "curves.png").is_file()
-    assert set(summary["test"]) == {"greedy", "beam8", "beam512+lm"}  # one entry per decoder, LM by default
+    # one entry per decoder, LM by default; --vtln scores greedy and the LM again with one warp per test speaker
+    assert set(summary["test"]) == {"greedy", "beam8", "beam512+lm", "greedy+vtln", "beam512+lm+vtln"}
+    warps = json.loads((out / "run" / "eval_test.json").read_text())["greedy+vtln"]["warps"]
+    assert len(warps) >= 2 and "speaker warps (VTLN)" in output
+    assert summary["test"]["greedy+vtln"]["utterances"] == summary["test"]["greedy"]["utterances"]
     assert all(set(v) >= {"wer", "cer", "utterances"} for v in summary["test"].values())
     assert "| beam512+lm |" in report and "chosen on DEV" in report
     # the error analysis: its counts add up to the best decoder's scored errors, by the user's speaker names

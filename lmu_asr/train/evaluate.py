@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -139,4 +139,45 @@ def evaluate(model: LMUASR, shards: ShardSet, cfg: Config, device: torch.device,
     if keep_hyps:
         gathered = dist.all_gather_objects(hyps)
         out["hypotheses"] = sorted(h for part in gathered for h in part)  # type: ignore[union-attr]
+    return out
+
+
+def evaluate_vtln(model: LMUASR, shards: ShardSet, cfg: Config, device: torch.device, warps: Sequence[float],
+                  decoders: dict[str, Callable[[np.ndarray], str] | None], band_edge_hz: float | None = None
+                  ) -> dict[str, dict[str, Any]]:
+    """Speaker-level test-time VTLN (``lmu_asr.model.vtln``): the set decoded under every warp, one warp chosen per
+    speaker from the posteriors alone, then each decoder scored on the chosen warp's log-probs.
+
+    ``decoders``: name -> log-probs (T, 29) -> text, or None for greedy. Returns ``{name + "+vtln": {wer, cer, ...,
+    "hypotheses", "warps": {speaker: alpha}}}`` per decoder. The model
+    runs ``len(warps)`` times over the set; decoding runs once per decoder.
+    """
+    from lmu_asr.model.decode import greedy_texts
+    from lmu_asr.model.vtln import Warped, choose_warps, warp_matrix
+
+    feats = shards.meta.get("features", {})
+    runs: dict[float, list[tuple[str, str, np.ndarray]]] = {}
+    base: dict[str, Any] = {}
+    for alpha in warps:
+        matrix = warp_matrix(alpha, band_edge_hz, int(feats.get("num_mel_bins", 80)),
+                             int(feats.get("sample_rate", 16000)))
+        runs[alpha] = []
+        res = evaluate(Warped(model, matrix), shards, cfg, device, collect=runs[alpha])
+        if alpha == 1.0 or not base:  # the unwarped run's loss and damage counts stand for the set
+            base = {k: res[k] for k in ("loss", "damaged", "index_utterances")}
+    speaker_of = shards.speakers()
+    chosen = choose_warps({a: [(k, lp) for k, _, lp in rows] for a, rows in runs.items()}, speaker_of)
+    by_key = {a: {k: (ref, lp) for k, ref, lp in rows} for a, rows in runs.items()}
+    keys = sorted(by_key[warps[0]])
+    out = {}
+    for name, decode in decoders.items():
+        rates, hyps = ErrorRates(), []
+        for key in keys:
+            ref, lp = by_key[chosen[speaker_of.get(key, "")]][key]
+            hyp = decode(lp) if decode is not None else \
+                greedy_texts(torch.from_numpy(lp)[None], torch.tensor([len(lp)]))[0]
+            rates.add(ref, hyp)
+            hyps.append((key, ref, hyp))
+        out[f"{name}+vtln"] = {**base, **rates.as_dict(), "hypotheses": hyps, "beam": 0,
+                               "warps": dict(sorted(chosen.items())), "band_edge_hz": band_edge_hz}
     return out
