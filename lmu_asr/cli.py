@@ -203,6 +203,9 @@ def eval_cmd(checkpoint: Path, shards: str, beam: int, report: Path | None, devi
 
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     words = word_decoder(lm_dir, beam, lm_weight, word_score, lexicon)  # flag errors before the model loads
+    if not vtln and (band_edge_hz is not None or click.get_current_context().get_parameter_source("warps").name
+                     == "COMMANDLINE"):
+        raise UserError("--warps and --band-edge-hz go with --vtln")
     model, cfg = model_from_checkpoint(checkpoint, dev)
     shard_set, remote = open_shards(shards)
     label = words.opts.label() if words else ("beam" + str(beam) if beam > 1 else "greedy")

@@ -316,6 +316,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                "parameters": model.num_parameters(),
                "test": {k: {m: v[m] for m in ("wer", "cer", "utterances", "ref_words")} for k, v in results.items()},
                "lm": tuned,
+               "vtln": next(({"warps": v["warps"], "band_edge_hz": v["band_edge_hz"]} for k, v in results.items()
+                             if k.endswith("+vtln")), None),
                "transcripts": transcripts,
                "bench": {"device": str(device), **{k: bench.get(k) for k in (
                    "batch", "frames", "utt_per_s", "audio_s_per_s", "it_per_s", "max_rss_gb", "max_allocated_gb",

@@ -118,7 +118,7 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     # one entry per decoder, LM by default; --vtln scores greedy and the LM again with one warp per test speaker
     assert set(summary["test"]) == {"greedy", "beam8", "beam512+lm", "greedy+vtln", "beam512+lm+vtln"}
     warps = json.loads((out / "run" / "eval_test.json").read_text())["greedy+vtln"]["warps"]
-    assert len(warps) >= 2 and "speaker warps (VTLN)" in output
+    assert len(warps) >= 2 and "speaker warps (VTLN)" in output and summary["vtln"]["warps"] == warps
     assert summary["test"]["greedy+vtln"]["utterances"] == summary["test"]["greedy"]["utterances"]
     assert all(set(v) >= {"wer", "cer", "utterances"} for v in summary["test"].values())
     assert "| beam512+lm |" in report and "chosen on DEV" in report

@@ -117,3 +117,6 @@ def test_eval_cli_vtln(tiny_run: Path, synth_dev: Path, tmp_path: Path) -> None:
     code, output = run_cli("eval", "--checkpoint", str(tiny_run / "checkpoints" / "last.pt"), "--shards",
                            str(synth_dev), "--vtln", "--warps", "0.9,abc")
     assert code == 2 and output.strip().splitlines()[-1].startswith("error: --warps: warps must be comma-separated")
+    code, output = run_cli("eval", "--checkpoint", str(tiny_run / "checkpoints" / "last.pt"), "--shards",
+                           str(synth_dev), "--band-edge-hz", "4000")
+    assert code == 2 and output.strip().splitlines()[-1] == "error: --warps and --band-edge-hz go with --vtln"
