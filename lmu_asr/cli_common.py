@@ -99,13 +99,10 @@ def resolve_device(device: str):  # noqa: ANN201 (torch.device)
     return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def eval_vtln(model: Any, cfg: Any, device: Any, shard_set: Any, remote: Any, warps_text: str,
+def eval_vtln(model: Any, cfg: Any, device: Any, shard_set: Any, remote: Any, warps_text: str | None,
               band_edge_hz: float | None, words: Any, beam: int, label: str) -> dict[str, Any]:
     """``eval --vtln``: the set scored with one warp per speaker, by the decoder the other flags chose."""
-    import torch
-
-    from lmu_asr.model.decode import beam_texts
-    from lmu_asr.model.vtln import parse_warps
+    from lmu_asr.model.vtln import DEFAULT_WARPS, parse_warps
     from lmu_asr.train.evaluate import evaluate_vtln
 
     if remote is not None:
@@ -113,9 +110,8 @@ def eval_vtln(model: Any, cfg: Any, device: Any, shard_set: Any, remote: Any, wa
     if not shard_set.speakers():
         raise UserError(f"--vtln: the index of {shard_set.directory} names no speakers to choose warps for")
     try:
-        warps = parse_warps(warps_text)
+        warps = parse_warps(warps_text) if warps_text is not None else DEFAULT_WARPS
     except ValueError as err:
         raise UserError(f"--warps: {err}") from None
-    decode = words.decode if words else None if beam <= 1 else \
-        (lambda lp: beam_texts(torch.from_numpy(lp)[None], torch.tensor([len(lp)]), beam)[0])
-    return evaluate_vtln(model, shard_set, cfg, device, warps, {label: decode}, band_edge_hz)[label + "+vtln"]
+    decoders = {label: words.decode if words else None}
+    return evaluate_vtln(model, shard_set, cfg, device, warps, decoders, band_edge_hz, beam)[label + "+vtln"]

@@ -281,6 +281,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
               f"{100 * tuned['dev_wer']:.2f} %); TEST WER {100 * results[key]['wer']:.2f} % "
               f"(greedy {100 * results['greedy']['wer']:.2f} %)", flush=True)
         timings["lm"] = time.perf_counter() - t
+    vtln = None
     if opts.vtln and not test.speakers():
         print("   --vtln: the test index names no speakers; no warps chosen", flush=True)
     elif opts.vtln:
@@ -289,8 +290,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                                           + (f" --band-edge-hz {edge:g}" if edge else "") + " [--lm ...]")
         decoders = {"greedy": None, **({words.opts.label(): words.decode} if words is not None else {})}
         results.update(evaluate_vtln(model, test, mcfg, device, DEFAULT_WARPS, decoders, edge))
-        chosen = next(v["warps"] for k, v in results.items() if k.endswith("+vtln"))
-        print(f"   warps: {warp_summary(chosen)}; TEST WER "
+        vtln = {"warps": results["greedy+vtln"]["warps"], "band_edge_hz": edge}
+        print(f"   warps: {warp_summary(vtln['warps'])}; TEST WER "
               + ", ".join(f"{100 * v['wer']:.2f} % {k}" for k, v in results.items() if k.endswith("+vtln")),
               flush=True)
         timings["vtln"] = time.perf_counter() - t
@@ -316,8 +317,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                "parameters": model.num_parameters(),
                "test": {k: {m: v[m] for m in ("wer", "cer", "utterances", "ref_words")} for k, v in results.items()},
                "lm": tuned,
-               "vtln": next(({"warps": v["warps"], "band_edge_hz": v["band_edge_hz"]} for k, v in results.items()
-                             if k.endswith("+vtln")), None),
+               "vtln": vtln,
                "transcripts": transcripts,
                "bench": {"device": str(device), **{k: bench.get(k) for k in (
                    "batch", "frames", "utt_per_s", "audio_s_per_s", "it_per_s", "max_rss_gb", "max_allocated_gb",

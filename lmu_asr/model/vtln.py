@@ -49,14 +49,14 @@ def warp_matrix(alpha: float, band_edge_hz: float | None = None, num_bins: int =
     made to sound longer). ``band_edge_hz``: the recordings' upper band edge (half their sample rate); None, or
     anything above the top bin, means the whole axis.
     """
-    lo, hi = _mel(20.0), _mel(sample_rate / 2 - 400.0)
     f = bin_centres(num_bins, sample_rate)
     edge = float(f[-1]) if band_edge_hz is None else min(float(band_edge_hz), float(f[-1]))
     knee = KNEE * edge
     h = np.where(f <= knee, alpha * f, alpha * knee + (f - knee) * (edge - alpha * knee) / (edge - knee))
     h = np.where(f >= edge, f, h)
-    pos = np.clip((_mel(h) - lo) / ((hi - lo) / (num_bins + 1)) - 1.0, 0.0, num_bins - 1.0)
-    pos = np.round(pos, 9)  # a bin that maps onto itself reads itself exactly (alpha = 1 is the identity)
+    # the centres are evenly spaced in mel, so a frequency's fractional bin is linear in its mel value (np.interp
+    # also clamps to the first and last bin)
+    pos = np.round(np.interp(_mel(h), _mel(f), np.arange(num_bins, dtype=np.float64)), 9)  # a bin that maps onto itself reads itself exactly (alpha = 1 is the identity)
     i0 = np.floor(pos).astype(int)
     i1 = np.minimum(i0 + 1, num_bins - 1)
     w = pos - i0

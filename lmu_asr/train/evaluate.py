@@ -143,16 +143,16 @@ def evaluate(model: LMUASR, shards: ShardSet, cfg: Config, device: torch.device,
 
 
 def evaluate_vtln(model: LMUASR, shards: ShardSet, cfg: Config, device: torch.device, warps: Sequence[float],
-                  decoders: dict[str, Callable[[np.ndarray], str] | None], band_edge_hz: float | None = None
-                  ) -> dict[str, dict[str, Any]]:
+                  decoders: dict[str, Callable[[np.ndarray], str] | None], band_edge_hz: float | None = None,
+                  beam: int = 0) -> dict[str, dict[str, Any]]:
     """Speaker-level test-time VTLN (``lmu_asr.model.vtln``): the set decoded under every warp, one warp chosen per
     speaker from the posteriors alone, then each decoder scored on the chosen warp's log-probs.
 
-    ``decoders``: name -> log-probs (T, 29) -> text, or None for greedy. Returns ``{name + "+vtln": {wer, cer, ...,
-    "hypotheses", "warps": {speaker: alpha}}}`` per decoder. The model
-    runs ``len(warps)`` times over the set; decoding runs once per decoder.
+    ``decoders``: name -> log-probs (T, 29) -> text, or None for what ``evaluate`` does without one (greedy, or
+    prefix beam search when ``beam`` > 1). Returns ``{name + "+vtln": {wer, cer, ..., "hypotheses", "warps":
+    {speaker: alpha}}}`` per decoder. The model runs ``len(warps)`` times over the set; decoding runs once per
+    decoder.
     """
-    from lmu_asr.model.decode import greedy_texts
     from lmu_asr.model.vtln import Warped, choose_warps, warp_matrix
 
     feats = shards.meta.get("features", {})
@@ -175,9 +175,9 @@ def evaluate_vtln(model: LMUASR, shards: ShardSet, cfg: Config, device: torch.de
         for key in keys:
             ref, lp = by_key[chosen[speaker_of.get(key, "")]][key]
             hyp = decode(lp) if decode is not None else \
-                greedy_texts(torch.from_numpy(lp)[None], torch.tensor([len(lp)]))[0]
+                decode_texts(torch.from_numpy(lp)[None], torch.tensor([len(lp)]), beam)[0]
             rates.add(ref, hyp)
             hyps.append((key, ref, hyp))
-        out[f"{name}+vtln"] = {**base, **rates.as_dict(), "hypotheses": hyps, "beam": 0,
+        out[f"{name}+vtln"] = {**base, **rates.as_dict(), "hypotheses": hyps, "beam": beam,
                                "warps": dict(sorted(chosen.items())), "band_edge_hz": band_edge_hz}
     return out

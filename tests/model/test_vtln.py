@@ -86,6 +86,8 @@ def test_vtln_scores_each_speaker_under_its_chosen_warp(tiny_run: Path, synth_de
     same = evaluate_vtln(model, shards, cfg, device, (1.0,), {"greedy": None})["greedy+vtln"]
     assert not model.training  # the wrapper left the model in eval mode (dropout off for what comes after)
     assert sorted(same["hypotheses"]) == plain["hypotheses"] and same["wer"] == plain["wer"]
+    beam = evaluate_vtln(model, shards, cfg, device, (1.0,), {"beam4": None}, beam=4)["beam4+vtln"]
+    assert sorted(beam["hypotheses"]) == evaluate(model, shards, cfg, device, beam=4, keep_hyps=True)["hypotheses"]
 
     res = evaluate_vtln(model, shards, cfg, device, DEFAULT_WARPS, {"greedy": None, "x": lambda lp: "X"})
     speakers = shards.speakers()
