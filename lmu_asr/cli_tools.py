@@ -1,4 +1,4 @@
-"""The ``lmuasr`` tools around training: download, verify, export, average, doctor, lm build, tune-lm.
+"""The ``lmuasr`` tools around training: download, verify, export, average, adapt, doctor, lm build, tune-lm.
 
 Registered on the ``lmuasr`` group by importing this module (``lmu_asr.cli`` does); heavy imports stay inside the
 commands so ``lmuasr --help`` is instant.
@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from lmu_asr import UserError
-from lmu_asr.cli_common import POS, resolve_device, user_errors
+from lmu_asr.cli_common import NONNEG, POS, lm_options, resolve_device, user_errors, word_decoder
 
 
 @click.command()
@@ -229,4 +229,55 @@ def tune_lm(checkpoint: Path, shards: str, lm_dir: Path, beam: int | None, lexic
                f"({len(res['grid'])} points in {res['seconds']:.1f} s); saved to {lm_dir / 'tuned.json'}")
 
 
-COMMANDS = (download, verify, export, average, doctor, lm, tune_lm)
+@click.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--shards", required=True, type=click.Path(path_type=Path),
+              help="A shard folder of the voices to adapt to; its transcripts are never read.")
+@click.option("--train-shards", type=click.Path(path_type=Path),
+              help="Labelled shards (the training set) mixed in each round, so the model keeps what it knew.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The adapted checkpoint (.pt).")
+@click.option("--beam", default=0, show_default=True, type=NONNEG, help="Without --lm: prefix beam width (0: greedy).")
+@click.option("--rounds", default=3, show_default=True, type=POS, help="Decode, keep, fine-tune: how many times.")
+@click.option("--epochs", default=5, show_default=True, type=POS, help="Fine-tuning passes per round.")
+@click.option("--keep", default=0.6, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Share of hypotheses kept each round, most confident first.")
+@click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--labelled-ratio", default=3.0, show_default=True, type=click.FloatRange(min=0),
+              help="Labelled utterances drawn per kept hypothesis (with --train-shards).")
+@click.option("--seed", default=0, show_default=True, type=NONNEG)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@lm_options
+@user_errors
+def adapt(checkpoint: Path, shards: Path, train_shards: Path | None, out: Path, beam: int, rounds: int, epochs: int,
+          keep: float, lr: float, labelled_ratio: float, seed: int, device: str, lm_dir: Path | None,
+          lm_weight: float | None, word_score: float | None, lexicon: bool | None) -> None:
+    """Adapt a checkpoint to new voices from their audio alone (iterative pseudo-labelling); writes a checkpoint
+    that eval, transcribe and export accept, and OUT's .json report."""
+    import json
+
+    from lmu_asr.data.shards import ShardSet
+    from lmu_asr.fileio import atomic_write
+    from lmu_asr.train.adapt import AdaptOptions
+    from lmu_asr.train.adapt import adapt as run_adapt
+    from lmu_asr.train.checkpoint import atomic_save, checkpoint_payload, model_from_checkpoint
+
+    if out.suffix != ".pt":
+        raise UserError(f"--out names the adapted checkpoint, a .pt file, got {out}")
+    words = word_decoder(lm_dir, beam, lm_weight, word_score, lexicon)
+    opts = AdaptOptions(rounds=rounds, epochs=epochs, keep=keep, lr=lr, labelled_ratio=labelled_ratio, seed=seed)
+    opts.check()
+    for flag, path in (("--shards", shards), ("--train-shards", train_shards)):
+        if path is not None and not path.is_dir():
+            raise UserError(f"{flag}: shard folder not found: {path}")
+    dev = resolve_device(device)
+    model, cfg = model_from_checkpoint(checkpoint, dev)
+    labelled = ShardSet.open(train_shards) if train_shards is not None else None
+    report = run_adapt(model, cfg, ShardSet.open(shards), dev, opts, words, beam, labelled)
+    report = {"checkpoint": str(checkpoint), "shards": str(shards), "train_shards": str(train_shards or ""), **report}
+    atomic_save(checkpoint_payload(model, cfg, adapt=report), out)
+    atomic_write(out.with_suffix(".json"), json.dumps(report, indent=1))
+    click.echo(f"adapted {checkpoint} to {report['utterances']} utterances of {shards} in {report['seconds']:.0f} s "
+               f"({rounds} rounds, {report['rounds'][-1]['kept']} hypotheses kept in the last); wrote {out}")
+
+
+COMMANDS = (download, verify, export, average, adapt, doctor, lm, tune_lm)
