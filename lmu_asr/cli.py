@@ -319,11 +319,14 @@ def plot(run: Path, out: Path | None) -> None:
               help="Build a word LM from the training transcripts, tune it on DEV, report TEST with and without it.")
 @click.option("--vtln", is_flag=True, help="Also score TEST with one frequency warp per test speaker, chosen from "
               "the model's posteriors (rows greedy+vtln and, with the LM, beam512+lm+vtln).")
+@click.option("--adapt/--no-adapt", default=None, help="Also score TEST after `lmuasr adapt` to its voices: their "
+              "audio pseudo-labelled, never their transcripts (rows greedy+adapt and, with the LM, beam512+lm+adapt). "
+              "Default: on with --speech-dir.")
 @click.option("--progress/--no-progress", default=True)
 @user_errors
 def demo(out: Path, speech_dir: Path | None, test_speakers: str, test_pattern: str | None, mix_synthetic: int,
          speed_perturb: str, preset: str, epochs: int | None, sets: tuple[str, ...], utterances: int, quick: bool, jobs: int,
-         beam: int, seed: int, use_lm: bool, vtln: bool, progress: bool) -> None:
+         beam: int, seed: int, use_lm: bool, vtln: bool, adapt: bool | None, progress: bool) -> None:
     """Build a corpus, prep, train, evaluate on held-out speakers, transcribe, bench, and write a report."""
     from lmu_asr.demo import DemoOptions, run_demo
     from lmu_asr.demo_report import summary_screen
@@ -341,7 +344,7 @@ def demo(out: Path, speech_dir: Path | None, test_speakers: str, test_pattern: s
     opts = DemoOptions(out=out, speech_dir=speech_dir, test_speakers=[s for s in test_speakers.split(",") if s],
                        test_pattern=test_pattern, mix_synthetic=mix_synthetic, speed_perturb=speeds, preset=preset, epochs=epochs,
                        overrides=_overrides(sets), utterances=utterances, quick=quick, jobs=jobs, beam=beam,
-                       seed=seed, progress=progress, lm=use_lm, vtln=vtln)
+                       seed=seed, progress=progress, lm=use_lm, vtln=vtln, adapt=adapt)
     click.echo(summary_screen(run_demo(opts)))
 
 

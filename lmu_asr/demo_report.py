@@ -56,6 +56,12 @@ def report_markdown(s: dict[str, Any], results: dict[str, Any], segments: dict[s
         (f"The word LM: a 3-gram (Kneser-Ney) of the training transcripts and their lexicon; LM weight "
          f"{lm['options']['lm_weight']:g} and word score {lm['options']['word_score']:g} chosen on DEV "
          f"(WER {100 * lm['dev_wer']:.2f} % there), never on TEST." if lm else "No word LM (--no-lm)."), "",
+        *([f"Rows `+adapt`: the model adapted to the test voices by `lmuasr adapt` in {s['adapt']['seconds']:.0f} s, "
+           f"from their audio alone: {len(s['adapt']['kept'])} rounds of decoding them ({s['adapt']['decoder']}), "
+           f"keeping the most confident {100 * s['adapt']['options']['keep']:.0f} % of the hypotheses and "
+           "fine-tuning on those and on training utterances; TEST's transcripts are never read. The rows without "
+           f"`+adapt` are the trained model's. Adapted checkpoint: `{s['adapt']['checkpoint']}`.", ""]
+          if s.get("adapt") else []),
         f"Training throughput (bench, batch {s['bench']['batch']} x {s['bench']['frames']} frames, "
         f"{s['bench']['device']}): {s['bench']['utt_per_s']:.0f} utt/s, {s['bench']['audio_s_per_s']:.0f} "
         f"audio-s/s, peak memory {s['bench'].get('max_allocated_gb') or s['bench']['max_rss_gb']:.2f} GB.", "",

@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmu_asr.demo import BUILTIN_EPOCHS, SPEECH_DIR_EPOCHS, DemoOptions, demo_epochs, speed_perturbed
+from lmu_asr.demo import (
+    BUILTIN_EPOCHS,
+    SPEECH_DIR_EPOCHS,
+    DemoOptions,
+    adapt_by_default,
+    demo_epochs,
+    speed_perturbed,
+)
 from lmu_asr.prep.minicorpus import SourceUtterance
 from lmu_asr.prep.synth import ACCENTS, SynthSpec, render, sentence, synthetic_utterances, voices
 from lmu_asr.text import encode, normalize_transcript
@@ -94,6 +101,11 @@ def test_demo_epochs_by_corpus_and_flags(tmp_path: Path) -> None:
     from lmu_asr.config import load_config
 
     assert demo_epochs(DemoOptions(out=tmp_path)) == BUILTIN_EPOCHS
+    # adaptation to the test voices: on for a speech folder, off for the built-in corpus, either way when asked
+    assert (adapt_by_default(DemoOptions(out=tmp_path)), adapt_by_default(DemoOptions(out=tmp_path, speech_dir=tmp_path))
+            ) == (False, True)
+    assert adapt_by_default(DemoOptions(out=tmp_path, adapt=True))
+    assert not adapt_by_default(DemoOptions(out=tmp_path, speech_dir=tmp_path, adapt=False))
     assert demo_epochs(DemoOptions(out=tmp_path, speech_dir=tmp_path)) == SPEECH_DIR_EPOCHS != BUILTIN_EPOCHS
     assert demo_epochs(DemoOptions(out=tmp_path, speech_dir=tmp_path, quick=True)) == 8
     assert demo_epochs(DemoOptions(out=tmp_path, speech_dir=tmp_path, epochs=3)) == 3
@@ -105,7 +117,7 @@ def test_demo_epochs_by_corpus_and_flags(tmp_path: Path) -> None:
 
 def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    code, output = run_cli("demo", "--quick", "--vtln", "--out", str(out), "--no-progress")
+    code, output = run_cli("demo", "--quick", "--vtln", "--adapt", "--out", str(out), "--no-progress")
     assert code == 0, output
     summary = json.loads((out / "summary.json").read_text())
     assert "lmu-asr demo: done" in output and str(out / "report.md") in output
@@ -116,7 +128,13 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     assert "| greedy |" in report and "| beam8 |" in report and (out / "run" / "curves.png").is_file()
     # one entry per decoder, LM by default; --vtln scores greedy and the LM again with one warp per test speaker
-    assert set(summary["test"]) == {"greedy", "beam8", "beam512+lm", "greedy+vtln", "beam512+lm+vtln"}
+    # and --adapt scores greedy and the LM again after adapting a copy of the model to TEST's audio
+    assert set(summary["test"]) == {"greedy", "beam8", "beam512+lm", "greedy+vtln", "beam512+lm+vtln",
+                                    "greedy+adapt", "beam512+lm+adapt"}
+    adapted = summary["adapt"]
+    assert Path(adapted["checkpoint"]).is_file() and adapted["decoder"] == "beam512+lm" and len(adapted["kept"]) == 3
+    assert "lmuasr adapt --checkpoint" in output and "Rows `+adapt`" in report
+    assert summary["test"]["greedy+adapt"]["utterances"] == summary["test"]["greedy"]["utterances"]
     warps = json.loads((out / "run" / "eval_test.json").read_text())["greedy+vtln"]["warps"]
     assert len(warps) >= 2 and "speaker warps (VTLN)" in output and summary["vtln"]["warps"] == warps
     assert summary["test"]["greedy+vtln"]["utterances"] == summary["test"]["greedy"]["utterances"]
