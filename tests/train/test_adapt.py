@@ -138,3 +138,18 @@ def test_the_cli_defaults_are_the_measured_options() -> None:
     expected = AdaptOptions()
     assert {k: given[k] for k in ("rounds", "epochs", "keep", "lr", "labelled_ratio", "seed")} == \
         {k: getattr(expected, k) for k in ("rounds", "epochs", "keep", "lr", "labelled_ratio", "seed")}
+
+
+def test_unreadable_utterances_are_counted_and_skipped(window_run: Path, synth_dev: Path, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from tests.test_robustness import truncate
+
+    out = tmp_path / "dev"
+    shutil.copytree(synth_dev, out, ignore=shutil.ignore_patterns(".index-cache-*"))
+    (tar,) = out.glob("*.tar")
+    truncate(tar, int(tar.stat().st_size * 0.6))  # the last utterances' members are gone
+    model, cfg = model_from_checkpoint(_checkpoint(window_run))
+    report = adapt(model, cfg, ShardSet.open(out), torch.device("cpu"), QUICK, progress=False)
+    total = len(ShardSet.open(synth_dev))
+    assert 1 <= report["unreadable"] < total and report["utterances"] + report["unreadable"] == total
+    assert f"{report['unreadable']} unreadable utterance(s)" in caplog.text
