@@ -257,9 +257,9 @@ def adapt(checkpoint: Path, shards: Path, train_shards: Path | None, out: Path, 
 
     from lmu_asr.data.shards import ShardSet
     from lmu_asr.fileio import atomic_write
-    from lmu_asr.train.adapt import AdaptOptions
+    from lmu_asr.train.adapt import AdaptOptions, adapted_payload
     from lmu_asr.train.adapt import adapt as run_adapt
-    from lmu_asr.train.checkpoint import atomic_save, checkpoint_payload, model_from_checkpoint
+    from lmu_asr.train.checkpoint import atomic_save, model_from_checkpoint
 
     if out.suffix != ".pt":
         raise UserError(f"--out names the adapted checkpoint, a .pt file, got {out}")
@@ -274,7 +274,7 @@ def adapt(checkpoint: Path, shards: Path, train_shards: Path | None, out: Path, 
     labelled = ShardSet.open(train_shards) if train_shards is not None else None
     report = run_adapt(model, cfg, ShardSet.open(shards), dev, opts, words, beam, labelled)
     report = {"checkpoint": str(checkpoint), "shards": str(shards), "train_shards": str(train_shards or ""), **report}
-    atomic_save(checkpoint_payload(model, cfg, adapt=report), out)
+    atomic_save(adapted_payload(model, cfg, checkpoint, report), out)
     atomic_write(out.with_suffix(".json"), json.dumps(report, indent=1))
     click.echo(f"adapted {checkpoint} to {report['utterances']} utterances of {shards} in {report['seconds']:.0f} s "
                f"({rounds} rounds, {report['rounds'][-1]['kept']} hypotheses kept in the last); wrote {out}")

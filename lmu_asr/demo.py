@@ -308,7 +308,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         t = _step("adapt to the test voices (their audio, never their transcripts)",
                   f"lmuasr adapt --checkpoint {ckpt} --shards {shards['test']} --train-shards {shards['train']}"
                   + (f" --lm {out / 'lm'}" if words else "") + f" --out {run / 'checkpoints' / 'adapted.pt'}")
-        adapted = adapt_stage(model, mcfg, device, shards, words, run / "checkpoints" / "adapted.pt", opts, results)
+        adapted = adapt_stage(model, mcfg, device, shards, words, (ckpt, run / "checkpoints" / "adapted.pt"), opts,
+                              results)
         timings["adapt"] = time.perf_counter() - t
     atomic_write(run / "eval_test.json", json.dumps(results, indent=1))
 
@@ -363,21 +364,21 @@ def lm_stage(model: Any, cfg: Any, device: Any, shards: dict[str, Path], lm_dir:
     return WordDecoder(lm_dir, load_options(lm_dir)), tuned
 
 
-def adapt_stage(model: Any, cfg: Any, device: Any, shards: dict[str, Path], words: Any, path: Path,
+def adapt_stage(model: Any, cfg: Any, device: Any, shards: dict[str, Path], words: Any, paths: tuple[Path, Path],
                 opts: DemoOptions, results: dict[str, Any]) -> dict[str, Any]:
     """``lmuasr adapt`` on a copy of the model (transcribe and the bench keep the trained one), then TEST scored
     again: rows ``greedy+adapt`` and, with the LM, ``<lm label>+adapt``. Returns the adaptation's report."""
     import copy
 
     from lmu_asr.data.shards import ShardSet
-    from lmu_asr.train.adapt import AdaptOptions, adapt
-    from lmu_asr.train.checkpoint import atomic_save, checkpoint_payload
+    from lmu_asr.train.adapt import AdaptOptions, adapt, adapted_payload
+    from lmu_asr.train.checkpoint import atomic_save
     from lmu_asr.train.evaluate import evaluate
 
-    adapted, test = copy.deepcopy(model), ShardSet.open(shards["test"])
+    (source, path), adapted, test = paths, copy.deepcopy(model), ShardSet.open(shards["test"])
     report = adapt(adapted, cfg, test, device, AdaptOptions(seed=opts.seed), words,
                    labelled=ShardSet.open(shards["train"]), progress=opts.progress)
-    atomic_save(checkpoint_payload(adapted, cfg, adapt=report), path)
+    atomic_save(adapted_payload(adapted, cfg, source, report), path)
     results["greedy+adapt"] = evaluate(adapted, test, cfg, device, keep_hyps=True)
     if words is not None:
         results[words.opts.label() + "+adapt"] = evaluate(adapted, test, cfg, device, keep_hyps=True,

@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from lmu_asr.data.specaug import SpecAugment
 from lmu_asr.model.asr import LMUASR, ctc_loss
 from lmu_asr.model.decode import decode_texts
 from lmu_asr.text import encode
+from lmu_asr.train.checkpoint import checkpoint_payload, load
 from lmu_asr.train.evaluate import ctc_feasible, evaluate
 
 log = logging.getLogger(__name__)
@@ -216,3 +218,11 @@ def _round(model: LMUASR, cfg: Config, target: ShardSet, device: torch.device, o
     stats = fine_tune(model, [(feats[k], encode(text)) for k, text, _ in kept], cfg, device, opts, rng, labelled)
     return {"hypotheses": len(hyps), "kept": len(kept), "min_confidence": kept[-1][2],
             **stats, "seconds": time.perf_counter() - t0}
+
+
+def adapted_payload(model: LMUASR, cfg: Config, source: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """The adapted checkpoint: the source's step and epoch (as ``lmuasr average`` keeps them), where it came from,
+    and the adaptation's report."""
+    state = load(source)
+    return checkpoint_payload(model, cfg, adapt=report, adapted_from=str(source), step=state.get("step"),
+                              epoch=state.get("epoch"))

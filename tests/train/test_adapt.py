@@ -118,7 +118,9 @@ def test_adapt_cli_writes_a_checkpoint_eval_takes(window_run: Path, synth_shards
     assert len(report["rounds"]) == 2 and report["options"]["keep"] == 0.6 and f"wrote {out}" in output
     assert report["rounds"][0]["utterances_per_epoch"] == report["rounds"][0]["kept"] * 4  # 3 labelled per kept
     model, _ = model_from_checkpoint(out)
-    assert torch.load(out, weights_only=False)["adapt"]["rounds"] == report["rounds"]
+    payload, source = torch.load(out, weights_only=False), torch.load(ckpt, weights_only=False)
+    assert payload["adapt"]["rounds"] == report["rounds"] and payload["adapted_from"] == ckpt
+    assert (payload["step"], payload["epoch"]) == (source["step"], source["epoch"]) != (None, None)
     code, output = run_cli("eval", "--checkpoint", str(out), "--shards", str(synth_dev), "--report",
                            str(tmp_path / "e.json"))
     assert code == 0 and "WER" in output
