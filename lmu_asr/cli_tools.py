@@ -234,7 +234,8 @@ def tune_lm(checkpoint: Path, shards: str, lm_dir: Path, beam: int | None, lexic
 @click.option("--shards", required=True, type=click.Path(path_type=Path),
               help="A shard folder of the voices to adapt to; its transcripts are never read.")
 @click.option("--train-shards", type=click.Path(path_type=Path),
-              help="Labelled shards (the training set) mixed in each round, so the model keeps what it knew.")
+              help="Labelled shards (the training set), drawn afresh into every epoch so the model keeps what it knew "
+                   "(recommended: without them it learns its own hypotheses alone).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The adapted checkpoint (.pt).")
 @click.option("--beam", default=0, show_default=True, type=NONNEG, help="Without --lm: prefix beam width (0: greedy).")
 @click.option("--rounds", default=3, show_default=True, type=POS, help="Decode, keep, fine-tune: how many times.")
