@@ -31,10 +31,9 @@ from lmu_asr.config import Config
 from lmu_asr.data.shards import ShardError, ShardSet
 from lmu_asr.data.specaug import SpecAugment
 from lmu_asr.model.asr import LMUASR, ctc_loss
-from lmu_asr.model.decode import decode_texts
 from lmu_asr.text import encode
 from lmu_asr.train.checkpoint import checkpoint_payload, load
-from lmu_asr.train.evaluate import ctc_feasible, evaluate
+from lmu_asr.train.evaluate import ctc_feasible, decode_one, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +74,7 @@ def pseudo_labels(model: LMUASR, shards: ShardSet, cfg: Config, device: torch.de
     evaluate(model, shards, cfg, device, collect=rows)
     out = []
     for key, _reference, lp in rows:  # the reference is never looked at
-        hyp = decoder(lp) if decoder is not None else \
-            decode_texts(torch.from_numpy(lp)[None], torch.tensor([len(lp)]), beam)[0]
-        out.append((key, " ".join(hyp.split()), confidence(lp)))
+        out.append((key, " ".join(decode_one(lp, decoder, beam).split()), confidence(lp)))
     return out
 
 

@@ -61,6 +61,14 @@ def damage_summary(counts: Counter, examples: list[dict]) -> dict[str, Any]:
     return {"count": sum(counts.values()), "by_reason": dict(sorted(counts.items())), "examples": examples}
 
 
+def decode_one(log_probs: np.ndarray, decoder: Callable[[np.ndarray], str] | None, beam: int = 0) -> str:
+    """One utterance's collected (T, 29) log-probs -> text: ``decoder`` (an LM search) if given, else what
+    ``evaluate`` decodes without one (greedy, or prefix beam search when ``beam`` > 1)."""
+    if decoder is not None:
+        return decoder(log_probs)
+    return decode_texts(torch.from_numpy(log_probs)[None], torch.tensor([len(log_probs)]), beam)[0]
+
+
 @torch.no_grad()
 def evaluate(model: LMUASR, shards: ShardSet, cfg: Config, device: torch.device, beam: int = 0,
              autocast_dtype: torch.dtype | None = None, keep_hyps: bool = False,
@@ -174,8 +182,7 @@ def evaluate_vtln(model: LMUASR, shards: ShardSet, cfg: Config, device: torch.de
         rates, hyps = ErrorRates(), []
         for key in keys:
             ref, lp = by_key[chosen[speaker_of.get(key, "")]][key]
-            hyp = decode(lp) if decode is not None else \
-                decode_texts(torch.from_numpy(lp)[None], torch.tensor([len(lp)]), beam)[0]
+            hyp = decode_one(lp, decode, beam)
             rates.add(ref, hyp)
             hyps.append((key, ref, hyp))
         out[f"{name}+vtln"] = {**base, **rates.as_dict(), "hypotheses": hyps, "beam": beam,
