@@ -367,17 +367,25 @@ def lm_stage(model: Any, cfg: Any, device: Any, shards: dict[str, Path], lm_dir:
 def adapt_stage(model: Any, cfg: Any, device: Any, shards: dict[str, Path], words: Any, paths: tuple[Path, Path],
                 opts: DemoOptions, results: dict[str, Any]) -> dict[str, Any]:
     """``lmuasr adapt`` on a copy of the model (transcribe and the bench keep the trained one), then TEST scored
-    again: rows ``greedy+adapt`` and, with the LM, ``<lm label>+adapt``. Returns the adaptation's report."""
+    again: rows ``greedy+adapt`` and, with the LM, ``<lm label>+adapt``. Returns the adaptation's report.
+
+    A model too weak to adapt (it hears only silence in TEST, e.g. after ``--epochs 1``) is a printed skip, not
+    the end of the demo: by now training has run, and its rows, report and bench are still worth having."""
     import copy
 
+    from lmu_asr import UserError
     from lmu_asr.data.shards import ShardSet
     from lmu_asr.train.adapt import AdaptOptions, adapt, adapted_payload
     from lmu_asr.train.checkpoint import atomic_save
     from lmu_asr.train.evaluate import evaluate
 
     (source, path), adapted, test = paths, copy.deepcopy(model), ShardSet.open(shards["test"])
-    report = adapt(adapted, cfg, test, device, AdaptOptions(seed=opts.seed), words,
-                   labelled=ShardSet.open(shards["train"]), progress=opts.progress)
+    try:
+        report = adapt(adapted, cfg, test, device, AdaptOptions(seed=opts.seed), words,
+                       labelled=ShardSet.open(shards["train"]), progress=opts.progress)
+    except UserError as err:
+        print(f"   adaptation skipped: {err}", flush=True)
+        return {"skipped": str(err)}
     atomic_save(adapted_payload(adapted, cfg, source, report), path)
     results["greedy+adapt"] = evaluate(adapted, test, cfg, device, keep_hyps=True)
     if words is not None:

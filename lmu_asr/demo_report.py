@@ -61,7 +61,9 @@ def report_markdown(s: dict[str, Any], results: dict[str, Any], segments: dict[s
            f"keeping the most confident {100 * s['adapt']['options']['keep']:.0f} % of the hypotheses and "
            "fine-tuning on those and on training utterances; TEST's transcripts are never read. The rows without "
            f"`+adapt` are the trained model's. Adapted checkpoint: `{s['adapt']['checkpoint']}`.", ""]
-          if s.get("adapt") else []),
+          if s.get("adapt") and "skipped" not in s["adapt"] else []),
+        *([f"Adaptation to the test voices was skipped: {s['adapt']['skipped']}.", ""]
+          if s.get("adapt") and "skipped" in s["adapt"] else []),
         f"Training throughput (bench, batch {s['bench']['batch']} x {s['bench']['frames']} frames, "
         f"{s['bench']['device']}): {s['bench']['utt_per_s']:.0f} utt/s, {s['bench']['audio_s_per_s']:.0f} "
         f"audio-s/s, peak memory {s['bench'].get('max_allocated_gb') or s['bench']['max_rss_gb']:.2f} GB.", "",

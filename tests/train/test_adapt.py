@@ -107,6 +107,23 @@ def test_a_model_that_hears_only_silence_is_a_clear_error(tiny_run: Path, synth_
         adapt(model, cfg, target, torch.device("cpu"), QUICK, progress=False)
 
 
+def test_the_demo_skips_adaptation_of_a_model_that_hears_only_silence(tiny_run: Path, synth_shards: Path,
+                                                                       synth_dev: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """After training has run, an unadaptable model costs the demo its +adapt rows, not its report."""
+    from lmu_asr.demo import DemoOptions, adapt_stage
+
+    source = _checkpoint(tiny_run)
+    model, cfg = model_from_checkpoint(source)
+    with torch.no_grad():
+        model.head.bias[0] = 1e4
+    results: dict = {}
+    out = adapt_stage(model, cfg, torch.device("cpu"), {"test": synth_dev, "train": synth_shards}, None,
+                      (source, tmp_path / "adapted.pt"), DemoOptions(out=tmp_path, progress=False), results)
+    assert "nothing but silence" in out["skipped"] and "adaptation skipped" in capsys.readouterr().out
+    assert results == {} and not (tmp_path / "adapted.pt").exists()
+
+
 def test_adapt_cli_writes_a_checkpoint_eval_takes(window_run: Path, synth_shards: Path, synth_dev: Path,
                                                   tmp_path: Path) -> None:
     out = tmp_path / "adapted.pt"
